@@ -1,0 +1,5 @@
+import sys
+
+from nasrt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``nasrt`` subcommand (see :mod:`nasrt.cli`)."""

@@ -1,0 +1,205 @@
+"""HF DeciLM / Llama safetensors -> TensorRT-LLM ``DeciLMForCausalLM`` checkpoint, streamed rank by rank.
+
+The converter never builds a network: it plans every rank tensor from :mod:`nasrt.tensor_map` and
+:mod:`nasrt.sharding`, validates all source names and shapes before writing, then streams one tensor at a time
+(read one TP slice -> cast -> write) into ``rank{N}.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import nasrt
+from nasrt.arch import ModelSpec, from_hf_config, read_json
+from nasrt.atomic import atomic_output_dir
+from nasrt.errors import CheckpointError
+from nasrt.sharding import Mapping, Piece, assemble, piece_shape, pp_layers, tp_pieces
+from nasrt.st_io import SafetensorsReader, torch_dtype, write_safetensors_stream
+from nasrt.tensor_map import (EMBEDDING, FINAL_NORM, TensorRule, expected_hf_tensors, hf_shapes, layer_rules,
+                              lm_head_rule)
+
+log = logging.getLogger(__name__)
+
+#: (global layer or None for lm_head, TRT linear module) -> {scale suffix: float32 [1] tensor}
+Scales = dict[tuple[int | None, str], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    dtype: str = "auto"
+    tp_size: int = 1
+    pp_size: int = 1
+    use_parallel_embedding: bool = False
+    embedding_sharding_dim: int = 0
+
+    @property
+    def mapping(self) -> Mapping:
+        return Mapping(self.tp_size, self.pp_size)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    pieces: tuple[Piece, ...]
+    shape: tuple[int, ...]
+
+
+def resolve_dtype(requested: str, spec: ModelSpec) -> str:
+    """``auto`` -> the HF ``torch_dtype``; float32 then becomes float16 as in TensorRT-LLM's ``infer_dtype``."""
+    if requested != "auto":
+        torch_dtype(requested)
+        return requested
+    dtype = spec.torch_dtype if spec.torch_dtype in ("float16", "bfloat16", "float32") else "bfloat16"
+    if dtype == "float32":
+        log.info("--dtype auto: HF float32 becomes float16 (as TensorRT-LLM does); pass --dtype float32 to keep it")
+        dtype = "float16"
+    return dtype
+
+
+def validate_source(reader, spec: ModelSpec) -> None:
+    """Every tensor the spec needs is present with the right shape, and nothing is left unconsumed."""
+    expected = expected_hf_tensors(spec)
+    names = set(reader.names())
+    missing = [n for n in expected if n not in names]
+    if missing:
+        raise CheckpointError(f"{getattr(reader, 'dir', 'source')}: missing tensor(s) {missing[:5]}"
+                              f"{' ...' if len(missing) > 5 else ''} (expected from config.json)")
+    for name, shape in expected.items():
+        got = reader.shape(name)
+        if tuple(got) != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} has shape {list(got)} but config.json implies {list(shape)}")
+    extra = sorted(n for n in names - set(expected)
+                   if not n.endswith("rotary_emb.inv_freq") and not (spec.tie_word_embeddings and n == "lm_head.weight"))
+    if extra:
+        raise CheckpointError(f"tensor(s) {extra[:5]} are not used by the layer variants in config.json")
+
+
+def _rule_entries(spec: ModelSpec, mapping: Mapping, rank: int) -> list[tuple[TensorRule, int | None, int | None]]:
+    """(rule, global layer, local layer) for every tensor of ``rank``'s pipeline stage."""
+    pp_rank = mapping.pp_rank(rank)
+    layers = pp_layers(spec.num_layers, mapping.pp_size, pp_rank)
+    out: list[tuple[TensorRule, int | None, int | None]] = []
+    if pp_rank == 0:
+        out.append((EMBEDDING, None, None))
+    for local, glob in enumerate(layers):
+        out.extend((rule, glob, local) for rule in layer_rules(spec.layers[glob]))
+    if pp_rank == mapping.pp_size - 1:
+        out.append((FINAL_NORM, None, None))
+        out.append((lm_head_rule(spec), None, None))
+    return out
+
+
+def plan_rank(spec: ModelSpec, opts: ConvertOptions, rank: int) -> list[tuple[PlannedTensor, TensorRule, int | None]]:
+    """Every tensor of ``rank``: name, the source pieces it is assembled from, and its shape."""
+    mapping = opts.mapping
+    tp, tp_rank = mapping.tp_size, mapping.tp_rank(rank)
+    plan = []
+    for rule, glob, local in _rule_entries(spec, mapping, rank):
+        layer = spec.layers[glob] if glob is not None else None
+        sources = rule.hf_names(glob)
+        shapes = hf_shapes(rule, spec, layer)
+        pieces = tp_pieces(rule, sources, shapes, spec, layer.attention.num_kv_heads if layer else None, tp,
+                           tp_rank, parallel_embedding=opts.use_parallel_embedding,
+                           embedding_sharding_dim=opts.embedding_sharding_dim)
+        shape = piece_shape(pieces, dict(zip(sources, shapes)))
+        plan.append((PlannedTensor(rule.trt_name(local), tuple(pieces), shape), rule, glob))
+    return plan
+
+
+def check_layout(spec: ModelSpec, opts: ConvertOptions) -> None:
+    """Fail early (before any output exists) if the model cannot be split as asked."""
+    if opts.tp_size < 1 or opts.pp_size < 1:
+        raise CheckpointError(f"--tp_size {opts.tp_size} / --pp_size {opts.pp_size} must be >= 1")
+    if opts.embedding_sharding_dim not in (0, 1):
+        raise CheckpointError(f"--embedding_sharding_dim {opts.embedding_sharding_dim} must be 0 or 1")
+    for rank in range(opts.mapping.world_size):
+        plan_rank(spec, opts, rank)
+
+
+def trtllm_config(spec: ModelSpec, opts: ConvertOptions, dtype: str,
+                  quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+    cfg = spec.to_trtllm_config(dtype, opts.mapping.to_dict(), quantization,
+                                opts.use_parallel_embedding, opts.embedding_sharding_dim)
+    cfg["producer"] = {"name": "nasrt", "version": nasrt.__version__}
+    return cfg
+
+
+def write_rank(reader, spec: ModelSpec, opts: ConvertOptions, dtype: str, rank: int, out_dir: Path,
+               scales: Scales | None = None, kv_scales: dict[int, torch.Tensor] | None = None,
+               progress: bool = True) -> Path:
+    """Stream one ``rank{N}.safetensors``. FP8 weights in ``reader`` stay FP8; ``scales`` add FP8 factors."""
+    target = torch_dtype(dtype)
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    jobs: list[tuple[tuple[Piece, ...] | None, torch.Tensor | None]] = []
+    for planned, rule, glob in plan_rank(spec, opts, rank):
+        src_dtype = reader.dtype(planned.pieces[0].source)
+        out_dtype = src_dtype if src_dtype == torch.float8_e4m3fn else target
+        specs.append((planned.name, out_dtype, planned.shape))
+        jobs.append((planned.pieces, None))
+        key = (glob, rule.linear)
+        if scales and rule.linear and key in scales:
+            prefix = planned.name.rsplit(".weight", 1)[0]
+            for suffix, value in scales[key].items():
+                value = value.detach().to(torch.float32).reshape(1)
+                specs.append((f"{prefix}.{suffix}", torch.float32, (1,)))
+                jobs.append((None, value))
+        if kv_scales and glob is not None and rule.linear == "attention.qkv" and glob in kv_scales:
+            prefix = planned.name.rsplit(".qkv.weight", 1)[0]
+            value = kv_scales[glob].detach().to(torch.float32).reshape(1)
+            specs.append((f"{prefix}.kv_cache_scaling_factor", torch.float32, (1,)))
+            jobs.append((None, value))
+
+    def produce():
+        for pieces, value in tqdm(jobs, desc=f"rank{rank}", unit="tensor", disable=not progress, leave=False):
+            if value is not None:
+                yield value
+                continue
+            t = assemble(list(pieces), reader.read)
+            yield t if t.dtype == torch.float8_e4m3fn else t.to(target)
+
+    path = out_dir / f"rank{rank}.safetensors"
+    write_safetensors_stream(path, specs, produce(), metadata={"format": "pt"})
+    return path
+
+
+def _worker(args: tuple[str, dict[str, Any], ConvertOptions, str, int, str, bool]) -> int:
+    model_dir, cfg, opts, dtype, rank, out_dir, progress = args
+    write_rank(SafetensorsReader(model_dir), from_hf_config(cfg), opts, dtype, rank, Path(out_dir),
+               progress=progress)
+    return rank
+
+
+def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, opts: ConvertOptions = ConvertOptions(),
+                       workers: int = 1, overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert an HF checkpoint directory into a TensorRT-LLM checkpoint directory (atomically)."""
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "config.json"
+    hf_cfg = read_json(cfg_path)
+    spec = from_hf_config(hf_cfg, str(cfg_path))
+    dtype = resolve_dtype(opts.dtype, spec)
+    check_layout(spec, opts)
+    reader = SafetensorsReader(model_dir)
+    validate_source(reader, spec)
+    world = opts.mapping.world_size
+    log.info("converting %s (%d layers) -> %s: dtype %s, tp %d, pp %d", model_dir, spec.num_layers, output_dir,
+             dtype, opts.tp_size, opts.pp_size)
+    with atomic_output_dir(output_dir, overwrite, inputs=(model_dir,)) as tmp:
+        (tmp / "config.json").write_text(json.dumps(trtllm_config(spec, opts, dtype), indent=2))
+        if workers > 1 and world > 1:
+            ctx = multiprocessing.get_context("fork")
+            jobs = [(str(model_dir), hf_cfg, opts, dtype, r, str(tmp), False) for r in range(world)]
+            with ctx.Pool(min(workers, world)) as pool:
+                for _ in tqdm(pool.imap_unordered(_worker, jobs), total=world, desc="ranks", disable=not progress):
+                    pass
+        else:
+            for rank in range(world):
+                write_rank(reader, spec, opts, dtype, rank, tmp, progress=progress)
+    return Path(output_dir)
