@@ -1,0 +1,44 @@
+"""Offline text: CPython's bundled documentation (``pydoc_data.topics``) split into disjoint calibration and
+evaluation slices, so FP8 calibration and perplexity work without a network."""
+
+from __future__ import annotations
+
+import re
+
+#: Topics whose sorted index satisfies ``i % EVAL_EVERY == EVAL_EVERY - 1`` are held out for evaluation.
+EVAL_EVERY = 5
+
+
+def _topics() -> list[tuple[str, str]]:
+    import pydoc_data.topics as t
+
+    return [(k, re.sub(r"[ \t]+\n", "\n", t.topics[k]).strip()) for k in sorted(t.topics)]
+
+
+def pydoc_texts(split: str) -> list[str]:
+    """Documents of the ``"calib"`` or ``"eval"`` slice (disjoint, deterministic)."""
+    if split not in ("calib", "eval"):
+        raise ValueError(f"split must be 'calib' or 'eval', got {split!r}")
+    held_out = split == "eval"
+    return [text for i, (_, text) in enumerate(_topics()) if (i % EVAL_EVERY == EVAL_EVERY - 1) == held_out]
+
+
+def calibration_texts(n: int, min_chars: int = 200) -> list[str]:
+    """Up to ``n`` calibration passages: calib-slice documents cut into paragraphs of at least ``min_chars``."""
+    out: list[str] = []
+    for doc in pydoc_texts("calib"):
+        buf = ""
+        for para in doc.split("\n\n"):
+            buf = f"{buf}\n\n{para}" if buf else para
+            if len(buf) >= min_chars:
+                out.append(buf)
+                buf = ""
+                if len(out) >= n:
+                    return out
+    return out
+
+
+def eval_text(max_chars: int | None = None) -> str:
+    """The held-out evaluation text (eval-slice documents joined), optionally truncated."""
+    text = "\n\n".join(pydoc_texts("eval"))
+    return text[:max_chars] if max_chars else text
