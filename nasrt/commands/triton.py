@@ -1,0 +1,119 @@
+"""``nasrt triton``: write a Triton model repository for an engine (or the CPU reference variant) and print how to
+launch it; ``--serve`` starts the reference variant on a local Triton server."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+
+from nasrt.errors import ConfigError
+from nasrt.triton.launch import format_command, launch_command, launch_script_command
+from nasrt.triton.repository import (
+    ServingOptions,
+    read_engine,
+    write_engine_repository,
+    write_reference_repository,
+)
+
+HELP = "write a Triton Inference Server model repository (ensemble, pre/post-processing, tensorrt_llm)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine_dir", help="TensorRT-LLM engine dir (config.json + rank*.engine)")
+    p.add_argument("--reference", action="store_true",
+                   help="CPU variant: tensorrt_llm answered by nasrt's reference runtime from --checkpoint_dir")
+    p.add_argument("--checkpoint_dir", help="with --reference: nasrt / TensorRT-LLM checkpoint dir")
+    p.add_argument("--tokenizer_dir", required=True, help="HF tokenizer dir (loaded by pre- and postprocessing)")
+    p.add_argument("--output_dir", required=True, help="model repository to write")
+    p.add_argument("--max_batch_size", type=int,
+                   help="Triton max_batch_size (default: the engine's build-time value; reference: 4)")
+    p.add_argument("--max_seq_len", type=int, help="with --reference: prompt + output limit "
+                   "(default: max_position_embeddings)")
+    p.add_argument("--device", default="cpu", help="with --reference: torch device of the reference runtime")
+    p.add_argument("--kv_cache_free_gpu_mem_fraction", type=float, default=0.9)
+    p.add_argument("--max_tokens_in_paged_kv_cache", type=int)
+    p.add_argument("--batch_scheduler_policy", default="guaranteed_no_evict",
+                   choices=["guaranteed_no_evict", "max_utilization"])
+    p.add_argument("--enable_kv_cache_reuse", action="store_true")
+    p.add_argument("--no_decoupled", action="store_true",
+                   help="non-decoupled tensorrt_llm (no streaming; default is decoupled)")
+    p.add_argument("--include_input_in_output", action="store_true",
+                   help="echo the prompt in output_ids (default: exclude_input_in_output)")
+    p.add_argument("--preprocessing_instances", type=int, default=1)
+    p.add_argument("--postprocessing_instances", type=int, default=1)
+    p.add_argument("--http_port", type=int, default=8000, help="port in the printed launch command / for --serve")
+    p.add_argument("--grpc_port", type=int, default=8001)
+    p.add_argument("--metrics_port", type=int, default=8002)
+    p.add_argument("--serve", action="store_true",
+                   help="with --reference: start the repository on a local Triton server (nvidia-pytriton) "
+                        "on 127.0.0.1 until Ctrl-C")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir atomically")
+
+
+def _options(args: argparse.Namespace) -> ServingOptions:
+    return ServingOptions(max_batch_size=args.max_batch_size, decoupled=not args.no_decoupled,
+                          kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
+                          max_tokens_in_paged_kv_cache=args.max_tokens_in_paged_kv_cache,
+                          batch_scheduler_policy=args.batch_scheduler_policy,
+                          enable_kv_cache_reuse=args.enable_kv_cache_reuse,
+                          exclude_input_in_output=not args.include_input_in_output,
+                          preprocessing_instances=args.preprocessing_instances,
+                          postprocessing_instances=args.postprocessing_instances)
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _serve(repo, args: argparse.Namespace) -> None:
+    from nasrt.triton.server import LocalTritonServer
+
+    # SIGTERM (and SIGINT, even where a background shell ignored it) stops the server cleanly.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    with LocalTritonServer(repo, http_port=args.http_port, grpc_port=args.grpc_port,
+                           metrics_port=args.metrics_port) as server:
+        print(f"Triton is serving {repo} at {server.url} (log {server.log_path}); Ctrl-C stops it")
+        print(f"try: nasrt client --url {server.url} --chat --text 'What is the capital of France?'", flush=True)
+        try:
+            while server.running:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("stopping Triton")
+            return
+        print(f"tritonserver exited:\n{server.log_tail()}")
+
+
+def run(args: argparse.Namespace) -> int:
+    ports = {"http_port": args.http_port, "grpc_port": args.grpc_port, "metrics_port": args.metrics_port}
+    opts = _options(args)
+    if args.reference:
+        if not args.checkpoint_dir or args.engine_dir:
+            raise ConfigError("--reference needs --checkpoint_dir (a nasrt checkpoint), not --engine_dir")
+        repo = write_reference_repository(args.checkpoint_dir, args.tokenizer_dir, args.output_dir, opts,
+                                          max_seq_len=args.max_seq_len, device=args.device,
+                                          overwrite=args.overwrite)
+        print(f"wrote reference (CPU) Triton model repository {repo}")
+        print("launch on this machine: nasrt triton --reference ... --serve, or with a Triton that has the "
+              f"Python backend: {format_command(launch_command(repo, 1, tritonserver='tritonserver', **ports))}")
+        if args.serve:
+            _serve(repo, args)
+        return 0
+    if not args.engine_dir:
+        raise ConfigError("pass --engine_dir (a TensorRT-LLM engine), or --reference --checkpoint_dir for the CPU "
+                          "variant")
+    if args.serve:
+        raise ConfigError("--serve runs only --reference repositories (the local Triton has no tensorrtllm "
+                          "backend); launch engine repositories in the Triton TRT-LLM container")
+    if args.max_seq_len is not None:
+        raise ConfigError("--max_seq_len applies to --reference only; an engine's limit is fixed at build time")
+    engine = read_engine(args.engine_dir)
+    repo = write_engine_repository(engine.engine_dir, args.tokenizer_dir, args.output_dir, opts,
+                                   overwrite=args.overwrite)
+    print(f"wrote Triton model repository {repo} (engine {engine.engine_dir}, world size {engine.world_size})")
+    print("launch (Triton TensorRT-LLM container, TensorRT-LLM version = the engine's):")
+    print(f"  {format_command(launch_command(repo, engine.world_size, **ports))}")
+    print(f"  or: {format_command(launch_script_command(repo, engine.world_size))}")
+    print(f"query: nasrt client --url http://127.0.0.1:{args.http_port} --text 'What is the capital of France?'")
+    return 0
