@@ -259,7 +259,7 @@ def hf_block_to_layer(block: dict[str, Any], layer: int, num_attention_heads: in
 def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, Llama3Rope | None]:
     """RoPE theta and llama3 scaling from either the top-level keys or transformers 5's ``rope_parameters``."""
     params = cfg.get("rope_parameters") or {}
-    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    theta = cfg.get("rope_theta") or params.get("rope_theta") or 10000.0
     scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
     if not scaling:
         return float(theta), None

@@ -22,9 +22,16 @@ from nasrt.arch import ModelSpec, from_hf_config, read_json
 from nasrt.atomic import atomic_output_dir
 from nasrt.errors import CheckpointError
 from nasrt.sharding import Mapping, Piece, assemble, piece_shape, pp_layers, tp_pieces
-from nasrt.st_io import SafetensorsReader, torch_dtype, write_safetensors_stream
-from nasrt.tensor_map import (EMBEDDING, FINAL_NORM, TensorRule, expected_hf_tensors, hf_shapes, layer_rules,
-                              lm_head_rule)
+from nasrt.st_io import FileRange, SafetensorsReader, torch_dtype, write_safetensors_stream
+from nasrt.tensor_map import (
+    EMBEDDING,
+    FINAL_NORM,
+    TensorRule,
+    expected_hf_tensors,
+    hf_shapes,
+    layer_rules,
+    lm_head_rule,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +116,7 @@ def plan_rank(spec: ModelSpec, opts: ConvertOptions, rank: int) -> list[tuple[Pl
         pieces = tp_pieces(rule, sources, shapes, spec, layer.attention.num_kv_heads if layer else None, tp,
                            tp_rank, parallel_embedding=opts.use_parallel_embedding,
                            embedding_sharding_dim=opts.embedding_sharding_dim)
-        shape = piece_shape(pieces, dict(zip(sources, shapes)))
+        shape = piece_shape(pieces, dict(zip(sources, shapes, strict=True)))
         plan.append((PlannedTensor(rule.trt_name(local), tuple(pieces), shape), rule, glob))
     return plan
 
@@ -162,12 +169,38 @@ def write_rank(reader, spec: ModelSpec, opts: ConvertOptions, dtype: str, rank: 
             if value is not None:
                 yield value
                 continue
-            t = assemble(list(pieces), reader.read)
-            yield t if t.dtype == torch.float8_e4m3fn else t.to(target)
+            ranges = _file_ranges(reader, pieces, target)
+            if ranges is not None:  # unchanged bytes: copied file to file by the writer
+                yield ranges
+                continue
+            # no local name for the tensor: the suspended generator must not keep the previous one alive
+            yield _cast(assemble(list(pieces), reader.read), target)
 
     path = out_dir / f"rank{rank}.safetensors"
     write_safetensors_stream(path, specs, produce(), metadata={"format": "pt"})
     return path
+
+
+def _file_ranges(reader, pieces: tuple[Piece, ...], target: torch.dtype) -> list[FileRange] | None:
+    """The pieces as byte ranges of the source files, when the output is exactly those bytes (no cast, no
+    padding, no column slice); None otherwise or for in-memory readers."""
+    byte_range = getattr(reader, "byte_range", None)
+    if byte_range is None:
+        return None
+    out = []
+    for p in pieces:
+        if reader.dtype(p.source) not in (target, torch.float8_e4m3fn):
+            return None
+        r = byte_range(p.source, p.dim, p.start, p.stop)
+        if r is None:
+            return None
+        out.append(r)
+    return out
+
+
+def _cast(t: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+    """Cast to the checkpoint dtype; FP8 weights stay FP8, a tensor already in ``target`` is not copied."""
+    return t if t.dtype in (torch.float8_e4m3fn, target) else t.to(target)
 
 
 def _worker(args: tuple[str, dict[str, Any], ConvertOptions, str, int, str, bool]) -> int:
@@ -194,7 +227,8 @@ def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, opts: Conv
     with atomic_output_dir(output_dir, overwrite, inputs=(model_dir,)) as tmp:
         (tmp / "config.json").write_text(json.dumps(trtllm_config(spec, opts, dtype), indent=2))
         if workers > 1 and world > 1:
-            ctx = multiprocessing.get_context("fork")
+            # spawn, not fork: forking a process that already runs torch/safetensors threads can deadlock
+            ctx = multiprocessing.get_context("spawn")
             jobs = [(str(model_dir), hf_cfg, opts, dtype, r, str(tmp), False) for r in range(world)]
             with ctx.Pool(min(workers, world)) as pool:
                 for _ in tqdm(pool.imap_unordered(_worker, jobs), total=world, desc="ranks", disable=not progress):

@@ -92,7 +92,7 @@ def tp_pieces(rule: TensorRule, sources: list[str], shapes: list[tuple[int, ...]
         split = Split.REPLICATE if not parallel_embedding else (Split.VOCAB if embedding_sharding_dim == 0
                                                                  else Split.ROW)
     if split is Split.REPLICATE or tp == 1 and split is not Split.QKV:
-        return [Piece(s, 0, 0, shape[0]) for s, shape in zip(sources, shapes)]
+        return [Piece(s, 0, 0, shape[0]) for s, shape in zip(sources, shapes, strict=True)]
     if split is Split.COLUMN:
         return [Piece(what, 0, *_even(shapes[0][0], tp, rank, what))]
     if split is Split.ROW:

@@ -7,9 +7,13 @@ bytes, so a rank file is written without holding it in memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,8 @@ DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.uint8: "U8", torch.bool: "BOOL",
 }
 ST_TO_DTYPE: dict[str, torch.dtype] = {v: k for k, v in DTYPE_TO_ST.items()}
+#: Column slices are gathered through a row buffer of at most this many bytes.
+_CHUNK_BYTES = 64 << 20
 DTYPE_NAMES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
                                        "bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
 
@@ -37,6 +43,15 @@ def torch_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
         raise CheckpointError(f"{flag} {name!r} is not one of {sorted(DTYPE_NAMES)}") from None
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """``nbytes`` bytes at absolute ``offset`` of ``path``: a tensor piece that can be copied file to file."""
+
+    path: Path
+    offset: int
+    nbytes: int
+
+
 class SafetensorsReader:
     """Lazy, validated access to the tensors of one directory (single file or index + shards)."""
 
@@ -46,6 +61,8 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.dir}: model directory not found")
         self._file_of: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
+        self._fds: dict[Path, int] = {}
+        self._layouts: dict[Path, dict[str, tuple[str, list[int], int]]] = {}
         index = self.dir / "model.safetensors.index.json"
         if pattern is None and index.exists():
             weight_map = read_json(index).get("weight_map")
@@ -68,7 +85,7 @@ class SafetensorsReader:
                 hint = f" ({bins} are pickle files and are never loaded)" if bins else ""
                 raise CheckpointError(f"{self.dir}: no *.safetensors weight files{hint}")
             for path in files:
-                for name in self._open(path).keys():
+                for name in self._open(path).keys():  # noqa: SIM118 (safe_open is not a dict)
                     if name in self._file_of:
                         raise CheckpointError(f"{path}: tensor {name!r} also in {self._file_of[name]}")
                     self._file_of[name] = path
@@ -112,16 +129,99 @@ class SafetensorsReader:
             raise CheckpointError(f"{self._file_of[name]}: cannot read tensor {name!r} ({exc})") from None
 
     def read(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        """Rows (``dim`` 0) or columns (``dim`` 1) ``[start, stop)`` of ``name``, clipped at the end."""
-        sl = self._slice(name)
-        shape = sl.get_shape()
+        """Rows (``dim`` 0) or columns (``dim`` 1) ``[start, stop)`` of ``name``, clipped at the end.
+
+        Bytes are read with ``pread`` straight into the result tensor (no mmap), so the process keeps only the
+        tensors it is working on resident, never the mapped source files.
+        """
+        if name not in self._file_of:
+            raise CheckpointError(f"{self.dir}: tensor {name!r} is missing")
+        path = self._file_of[name]
+        st_dtype, shape, begin = self._layout(path)[name]
+        if st_dtype not in ST_TO_DTYPE:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st_dtype}")
+        dtype = ST_TO_DTYPE[st_dtype]
+        if not shape:
+            out = torch.empty((), dtype=dtype)
+            self._pread_into(path, name, out, begin)
+            return out
         stop = min(stop, shape[dim])
-        try:
-            if len(shape) == 1 or dim == 0 and start == 0 and stop == shape[0]:
-                return sl[:] if (start, stop) == (0, shape[dim]) else sl[start:stop]
-            return sl[start:stop] if dim == 0 else sl[:, start:stop]
-        except Exception as exc:
-            raise CheckpointError(f"{self._file_of[name]}: cannot read tensor {name!r} ({exc})") from None
+        esize = torch.empty((), dtype=dtype).element_size()
+        if dim == 0:
+            row_bytes = math.prod(shape[1:]) * esize
+            out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+            self._pread_into(path, name, out, begin + start * row_bytes)
+            return out
+        if dim != 1 or len(shape) != 2:
+            raise CheckpointError(f"{path}: tensor {name!r} {shape}: only row or column slices of matrices")
+        rows, cols = shape
+        out = torch.empty((rows, stop - start), dtype=dtype)
+        step = max(1, _CHUNK_BYTES // max(1, cols * esize))
+        buf = torch.empty((min(step, rows), cols), dtype=dtype)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            self._pread_into(path, name, buf[: r1 - r0], begin + r0 * cols * esize)
+            out[r0:r1] = buf[: r1 - r0, start:stop]
+        return out
+
+    def byte_range(self, name: str, dim: int, start: int, stop: int) -> FileRange | None:
+        """Where :meth:`read` ``(name, dim, start, stop)`` lies in its file, if it is one contiguous byte range
+        (whole tensors and row slices; not column slices nor slices that need zero padding)."""
+        if name not in self._file_of:
+            raise CheckpointError(f"{self.dir}: tensor {name!r} is missing")
+        path = self._file_of[name]
+        st_dtype, shape, begin = self._layout(path)[name]
+        if st_dtype not in ST_TO_DTYPE:
+            return None
+        esize = torch.empty((), dtype=ST_TO_DTYPE[st_dtype]).element_size()
+        if not shape:
+            return FileRange(path, begin, esize)
+        if stop > shape[dim]:
+            return None
+        if dim == 1 and len(shape) == 2 and (start, stop) == (0, shape[1]):
+            dim, stop = 0, shape[0]
+        if dim != 0:
+            return None
+        row_bytes = math.prod(shape[1:]) * esize
+        return FileRange(path, begin + start * row_bytes, (stop - start) * row_bytes)
+
+    def _layout(self, path: Path) -> dict[str, tuple[str, list[int], int]]:
+        """name -> (dtype, shape, absolute byte offset) from the file's header (already validated by safe_open)."""
+        layout = self._layouts.get(path)
+        if layout is None:
+            self._open(path)
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            layout = {k: (v["dtype"], list(v["shape"]), 8 + n + v["data_offsets"][0])
+                      for k, v in header.items() if k != "__metadata__"}
+            self._layouts[path] = layout
+        return layout
+
+    def _pread_into(self, path: Path, name: str, out: torch.Tensor, offset: int) -> None:
+        nbytes = out.numel() * out.element_size()
+        if not nbytes:
+            return
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{path}: file ends inside tensor {name!r} (truncated?)")
+            done += got
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._handles.clear()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 class DictReader:
@@ -157,8 +257,13 @@ class DictReader:
 
 
 def write_safetensors_stream(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                             tensors: Iterable[torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file whose tensors (named, typed and shaped by ``specs``) arrive one at a time."""
+                             tensors: Iterable[torch.Tensor | Sequence[FileRange]],
+                             metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose tensors (named, typed and shaped by ``specs``) arrive one at a time.
+
+    An item is a tensor, or a list of :class:`FileRange` whose bytes (concatenated) are the tensor: those are
+    copied file to file by the kernel (``copy_file_range``), never passing through this process's memory.
+    """
     header: dict[str, Any] = {}
     offset = 0
     for name, dtype, shape in specs:
@@ -169,15 +274,70 @@ def write_safetensors_stream(path: Path, specs: list[tuple[str, torch.dtype, tup
         header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    src_fds: dict[Path, int] = {}
+    try:
+        _write_all(fd, struct.pack("<Q", len(blob)) + blob)
+        # explicit next() instead of zip(): zip's reused result tuple would keep the previous tensor alive
+        # while the producer builds the next one (peak = two tensors instead of one)
+        source = iter(tensors)
         count = 0
-        for (name, dtype, shape), t in zip(specs, tensors):
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise CheckpointError(f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, "
-                                      f"planned {dtype} {tuple(shape)}")
-            fh.write(t.reshape(-1).contiguous().view(torch.uint8).numpy().data if t.numel() else b"")
+        for name, dtype, shape in specs:
+            t = next(source, None)
+            if t is None:
+                break
+            want = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            if isinstance(t, torch.Tensor):
+                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    raise CheckpointError(f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, "
+                                          f"planned {dtype} {tuple(shape)}")
+                data = memoryview(t.reshape(-1).contiguous().view(torch.uint8).numpy()) if t.numel() else b""
+                for off in range(0, len(data), _CHUNK_BYTES):  # bounded writes keep dirty-page throttling smooth
+                    _write_all(fd, data[off:off + _CHUNK_BYTES])
+                del data
+            else:
+                if sum(r.nbytes for r in t) != want:
+                    raise CheckpointError(f"{path}: tensor {name!r}: source ranges hold "
+                                          f"{sum(r.nbytes for r in t)} bytes, planned {want}")
+                for r in t:
+                    _copy_range(r, fd, src_fds, name)
+            del t
             count += 1
         if count != len(specs):
             raise CheckpointError(f"{path}: {count} tensors written, {len(specs)} planned")
+    finally:
+        os.close(fd)
+        for sfd in src_fds.values():
+            os.close(sfd)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while len(view):
+        view = view[os.write(fd, view):]
+
+
+def _copy_range(r: FileRange, dst: int, src_fds: dict[Path, int], name: str) -> None:
+    """Append ``r`` to ``dst`` with ``copy_file_range`` (pread + write where the kernel cannot)."""
+    src = src_fds.get(r.path)
+    if src is None:
+        src = src_fds[r.path] = os.open(r.path, os.O_RDONLY)
+    done = 0
+    while done < r.nbytes:
+        n = -1
+        if _COPY_FILE_RANGE[0]:
+            try:
+                n = os.copy_file_range(src, dst, min(r.nbytes - done, 1 << 30), r.offset + done)
+            except OSError:  # EXDEV, ENOSYS, EOPNOTSUPP, EINVAL ...: fall back for this process
+                _COPY_FILE_RANGE[0] = False
+        if n < 0:
+            chunk = os.pread(src, min(r.nbytes - done, _CHUNK_BYTES), r.offset + done)
+            _write_all(dst, chunk)
+            n = len(chunk)
+        if n == 0:
+            raise CheckpointError(f"{r.path}: file ends inside tensor {name!r} (truncated?)")
+        done += n
+
+
+#: whether os.copy_file_range works here (switched off at the first failure)
+_COPY_FILE_RANGE = [hasattr(os, "copy_file_range")]

@@ -135,8 +135,8 @@ def expected_hf_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {}
     globals_ = [EMBEDDING, FINAL_NORM] + ([] if spec.tie_word_embeddings else [LM_HEAD])
     for rule in globals_:
-        out.update(zip(rule.hf_names(), hf_shapes(rule, spec, None)))
+        out.update(zip(rule.hf_names(), hf_shapes(rule, spec, None), strict=True))
     for idx, layer in enumerate(spec.layers):
         for rule in layer_rules(layer):
-            out.update(zip(rule.hf_names(idx), hf_shapes(rule, spec, layer)))
+            out.update(zip(rule.hf_names(idx), hf_shapes(rule, spec, layer), strict=True))
     return out
