@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "plan": "nasrt.commands.plan",
     "triton": "nasrt.commands.triton",
     "client": "nasrt.commands.client",
+    "demo": "nasrt.commands.demo",
 }
 
 

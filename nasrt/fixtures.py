@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from nasrt.arch import from_hf_config
+from nasrt.arch import ffn_mult_to_intermediate_size, from_hf_config, read_json
 from nasrt.atomic import atomic_output_dir
-from nasrt.errors import MissingDependencyError
+from nasrt.errors import ConfigError, MissingDependencyError
 from nasrt.presets import ALL_VARIANTS_PATTERN, NEMOTRON_51B_PATTERN, hf_config, released_config
+from nasrt.st_io import SafetensorsReader
 from nasrt.tensor_map import expected_hf_tensors
 
 log = logging.getLogger(__name__)
@@ -130,3 +132,79 @@ def smollm2_dir(cache: str | Path | None = None) -> Path:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
     return out
+
+
+def _variant_tokens(overrides: str | dict[int, str]) -> dict[int, str]:
+    """``{layer: "ATT/FFN"}`` from ``"3:L/4.0 5-6:N/4.0"`` or a dict (pattern legend of :mod:`nasrt.presets`)."""
+    if isinstance(overrides, dict):
+        return {int(k): str(v) for k, v in overrides.items()}
+    out: dict[int, str] = {}
+    for token in overrides.split():
+        span, _, kinds = token.partition(":")
+        lo, _, hi = span.partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise ConfigError(f"variant override {token!r} is not 'A-B:ATT/FFN'") from None
+        out.update(dict.fromkeys(range(first, last + 1), kinds))
+    return out
+
+
+def apply_variants(hf_dir: str | Path, out_dir: str | Path, pattern_overrides: str | dict[int, str],
+                   seed: int = 0, overwrite: bool = False) -> Path:
+    """Turn a plain HF Llama checkpoint into an HF ``nemotron-nas`` one with some layers replaced.
+
+    ``pattern_overrides`` uses the :mod:`nasrt.presets` legend for the changed layers only, e.g.
+    ``"3:L/4.0 5:N/4.0 7:g3/N 9:g3/L"`` (layer 3 linear attention, 5 no-op attention, 7 no-op FFN, 9 linear
+    FFN). Real sub-blocks keep their weights, so their GQA group and FFN width must stay the original ones
+    (SmolLM2: ``g3``, ffn_mult ``4.0``); linear sub-blocks get a small random ``H x H`` weight (seeded).
+    Tokenizer and other side files are copied. Written atomically.
+    """
+    hf_dir = Path(hf_dir)
+    cfg = read_json(hf_dir / "config.json")
+    spec = from_hf_config(cfg, str(hf_dir / "config.json"))
+    if cfg.get("model_type") != "llama":
+        raise ConfigError(f"{hf_dir}: apply_variants needs a plain Llama checkpoint, got {cfg.get('model_type')!r}")
+    base = spec.layers[0]
+    h, nh = spec.hidden_size, spec.num_attention_heads
+    group, width = nh // base.attention.num_kv_heads, base.ffn.intermediate_size
+    mult = 3 * width / (2 * h)
+    if ffn_mult_to_intermediate_size(mult, h) != width:
+        raise ConfigError(f"{hf_dir}: intermediate_size {width} is not expressible as a DeciLM ffn_mult")
+    tokens = dict.fromkeys(range(spec.num_layers), f"g{group}/{mult}")
+    for layer, kinds in _variant_tokens(pattern_overrides).items():
+        if layer not in tokens:
+            raise ConfigError(f"variant override for layer {layer}: the model has {spec.num_layers} layers")
+        tokens[layer] = kinds
+    pattern = " ".join(f"{i}:{k}" for i, k in tokens.items())
+    new_cfg = hf_config(pattern, hidden_size=h, num_attention_heads=nh, vocab_size=spec.vocab_size,
+                        rope_theta=spec.rope_theta, rope_scaling=spec.rope_dict(),
+                        max_position_embeddings=spec.max_position_embeddings, bos_token_id=spec.bos_token_id,
+                        eos_token_id=spec.eos_token_id, torch_dtype=spec.torch_dtype,
+                        tie_word_embeddings=spec.tie_word_embeddings)
+    new_cfg["rms_norm_eps"] = spec.norm_epsilon
+    new_spec = from_hf_config(new_cfg)
+    for i, (old, new) in enumerate(zip(spec.layers, new_spec.layers, strict=True)):
+        if new.has_kv_cache and new.attention != old.attention:
+            raise ConfigError(f"layer {i}: attention {tokens[i]!r} changes the KV heads ({old.attention.num_kv_heads}"
+                              f" -> {new.attention.num_kv_heads}); only g{group}, L or N are possible")
+        if new.ffn.intermediate_size is not None and new.ffn != old.ffn:
+            raise ConfigError(f"layer {i}: ffn {tokens[i]!r} changes the FFN width ({width} -> "
+                              f"{new.ffn.intermediate_size}); only {mult}, L or N are possible")
+
+    reader = SafetensorsReader(hf_dir)
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, shape in expected_hf_tensors(new_spec).items():
+        if name in reader:
+            tensors[name] = reader.get(name)
+        else:  # a linear replacement: small random H x H weight
+            dtype = reader.dtype(next(iter(reader.names())))
+            tensors[name] = (0.02 * torch.randn(shape, generator=gen)).to(dtype)
+    with atomic_output_dir(out_dir, overwrite, inputs=(hf_dir,)) as tmp:
+        for side in sorted(hf_dir.iterdir()):
+            if side.is_file() and side.suffix != ".safetensors" and side.name not in (
+                    "config.json", "model.safetensors.index.json"):
+                shutil.copy2(side, tmp / side.name)
+        write_hf_checkpoint(tmp, new_cfg, tensors)
+    return Path(out_dir)
