@@ -26,6 +26,7 @@ from nasrt.arch import ModelSpec, from_hf_config, is_trtllm_config, read_json
 from nasrt.convert import ConvertOptions, plan_rank, resolve_dtype
 from nasrt.errors import ConfigError, NasrtError
 from nasrt.sharding import Mapping, pp_layers
+from nasrt.tensor_map import UNQUANTIZED_BY_DEFAULT
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def rank_weights(spec: ModelSpec, req: PlanRequest, rank: int) -> tuple[int, int
     for planned, rule, _glob in plan_rank(spec, opts, rank):
         n = math.prod(planned.shape)
         elems += n
-        if fp8 and rule.linear:
+        if fp8 and rule.linear and rule.linear not in UNQUANTIZED_BY_DEFAULT:
             nbytes += n + 2 * FP8_SCALE_BYTES  # float8 weight + weights/activation scaling factors
             if rule.linear == "attention.qkv" and req.kv_dtype == "fp8":
                 nbytes += FP8_SCALE_BYTES  # kv_cache_scaling_factor

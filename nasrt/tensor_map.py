@@ -51,10 +51,10 @@ _H = "model.layers.{l}."
 EMBEDDING = TensorRule("transformer.vocab_embedding.weight", (("model.embed_tokens.weight", ("V", "H")),),
                        Split.EMBEDDING)
 FINAL_NORM = TensorRule("transformer.ln_f.weight", (("model.norm.weight", ("H",)),), Split.REPLICATE)
-LM_HEAD = TensorRule("lm_head.weight", (("lm_head.weight", ("V", "H")),), Split.VOCAB,
+LM_HEAD = TensorRule("lm_head.weight", (("lm_head.weight", ("V", "H")),), Split.VOCAB, linear="lm_head",
                      note="tied models read model.embed_tokens.weight instead")
 LM_HEAD_TIED = TensorRule("lm_head.weight", (("model.embed_tokens.weight", ("V", "H")),), Split.VOCAB,
-                          note="tie_word_embeddings: TensorRT-LLM still needs an lm_head")
+                          linear="lm_head", note="tie_word_embeddings: TensorRT-LLM still needs an lm_head")
 
 INPUT_NORM = TensorRule(_L + "input_layernorm.weight", ((_H + "input_layernorm.weight", ("H",)),),
                         Split.REPLICATE)
@@ -103,6 +103,8 @@ WEIGHT_SCALE = "weights_scaling_factor"
 ACT_SCALE = "activation_scaling_factor"
 KV_SCALE = "kv_cache_scaling_factor"
 KV_SCALE_MODULE = "attention"
+#: Linears that stay in the checkpoint dtype unless explicitly asked for (``--quantize_lm_head``).
+UNQUANTIZED_BY_DEFAULT = ("lm_head",)
 
 
 def layer_rules(layer: LayerSpec) -> tuple[TensorRule, ...]:

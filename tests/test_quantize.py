@@ -25,7 +25,7 @@ from nasrt.quantize.calibrate import QuantSettings
 from nasrt.quantize.pipeline import calibration_batches
 from nasrt.quantize.tiny_tokenizer import write_tiny_tokenizer
 from nasrt.st_io import SafetensorsReader
-from nasrt.tensor_map import ACT_SCALE, KV_SCALE, LM_HEAD, WEIGHT_SCALE, layer_rules, lm_head_rule
+from nasrt.tensor_map import ACT_SCALE, KV_SCALE, WEIGHT_SCALE, layer_rules, lm_head_rule
 from nasrt.textdata import eval_text
 from nasrt.trtllm_ckpt import load_checkpoint
 
@@ -320,8 +320,6 @@ def test_quantize_lm_head_hf_export(syn, tmp_path):
     assert json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"] == []
 
 
-@pytest.mark.xfail(LM_HEAD.linear is None, strict=True,
-                   reason="needs nasrt.tensor_map LM_HEAD / LM_HEAD_TIED with linear='lm_head' (lead)")
 def test_quantize_lm_head_trtllm(syn, tmp_path):
     out = quantize_checkpoint(syn, tmp_path / "q", QuantizeOptions(**{**SYN_OPTS.__dict__, "quantize_lm_head": True}),
                               progress=False).output_dir

@@ -22,11 +22,18 @@ import torch
 import nasrt
 from nasrt.arch import AttnKind, ModelSpec, default_quantization
 from nasrt.convert import ConvertOptions, Scales, trtllm_config, write_rank
-from nasrt.errors import CheckpointError, NasrtError
+from nasrt.errors import CheckpointError
 from nasrt.fp8 import FP8_DTYPE, quantize, scale_from_amax
 from nasrt.quantize.calibrate import AmaxTable, QuantSettings
 from nasrt.st_io import torch_dtype, write_safetensors_stream
-from nasrt.tensor_map import ACT_SCALE, WEIGHT_SCALE, TensorRule, expected_hf_tensors, layer_rules
+from nasrt.tensor_map import (
+    ACT_SCALE,
+    WEIGHT_SCALE,
+    TensorRule,
+    expected_hf_tensors,
+    layer_rules,
+    lm_head_rule,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +169,6 @@ def export_trtllm(reader, spec: ModelSpec, opts: ConvertOptions, dtype: str, sca
     qreader = QuantizingReader(reader, scales.weight_quant)
     trt = dict(scales.trt)
     if settings.quantize_lm_head:
-        from nasrt.tensor_map import lm_head_rule
-
-        if lm_head_rule(spec).linear is None:
-            raise NasrtError("--quantize_lm_head with --export_format tensorrt_llm needs the lm_head rule of "
-                             "nasrt.tensor_map to name its linear ('lm_head'); use --export_format hf for now")
         head_src = lm_head_rule(spec).hf_names()[0]
         if spec.tie_word_embeddings:  # the embedding stays unquantized: serve lm_head under its own name
             spec = _untied(spec)

