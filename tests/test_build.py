@@ -6,7 +6,6 @@ section 7 (plugin dtype choices as in TensorRT-LLM 1.2's ``PluginConfig``), inde
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 import shutil
@@ -99,13 +98,6 @@ def write_fp8_checkpoint(hf_dir: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture()
-def no_trtllm(monkeypatch):
-    """Make TensorRT-LLM absent even on a machine that has it."""
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(nasrt.engine.importlib.util, "find_spec",
-                        lambda name, *a: None if name.split(".")[0] == "tensorrt_llm" else real_find_spec(name, *a))
-    monkeypatch.setattr(nasrt.engine.shutil, "which", lambda name, *a: None)
 
 
 def write_profile(tmp_path: Path, name: str, **changes) -> Path:

@@ -9,7 +9,6 @@ build + run of SmolLM2 is marked ``gpu`` / ``trtllm`` (reported NOT RUN here).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shlex
 import sys
@@ -18,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import nasrt.engine
 import nasrt.engine.runner as runner_mod
 from nasrt.arch import load_spec
 from nasrt.cli import build_parser, main
@@ -48,12 +46,6 @@ def run_args(argv: list[str]) -> argparse.Namespace:
     return build_parser("run").parse_args(["run", *argv])
 
 
-@pytest.fixture()
-def no_trtllm(monkeypatch):
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(nasrt.engine.importlib.util, "find_spec",
-                        lambda name, *a: None if name.split(".")[0] == "tensorrt_llm" else real_find_spec(name, *a))
-    monkeypatch.setattr(nasrt.engine.shutil, "which", lambda name, *a: None)
 
 
 @pytest.fixture(scope="module")
