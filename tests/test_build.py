@@ -304,7 +304,7 @@ def test_build_without_trtllm_stops_and_writes_nothing(ckpts, tmp_path, capsys, 
     with pytest.raises(MissingDependencyError) as info:
         build_mod.build_engine(ckpts["fp8"], "h100x1-fp8", out)
     msg = str(info.value)
-    assert "TensorRT-LLM 1.2.x" in msg and "tensorrt-llm==1.2.1" in msg and "nvcr.io/nvidia/" in msg
+    assert "TensorRT-LLM 1.2.x" in msg and "tensorrt-llm==1.2.1" in msg and "NGC" in msg and "NVIDIA's package index" in msg
     assert "h100-80gb" in msg and "trtllm-build is not on PATH" in msg
     assert not out.exists() and not out.parent.exists()
     rc = main(["build", "--checkpoint_dir", str(ckpts["fp8"]), "--profile", "h100x1-fp8", "--output_dir", str(out)])

@@ -15,8 +15,9 @@ from nasrt.errors import MissingDependencyError
 TRTLLM_VERSION = "1.2"
 INSTALL_HINT = (
     "install TensorRT-LLM 1.2.x (the last line with trtllm-build and the engine runtime): "
-    "`pip install tensorrt-llm==1.2.1 --extra-index-url https://pypi.nvidia.com` on Linux x86-64/aarch64 with "
-    "CUDA 13, or use the NGC container nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3 "
+    "`pip install tensorrt-llm==1.2.1` with NVIDIA's package index as an extra index (see TensorRT-LLM's "
+    "installation guide) on Linux x86-64/aarch64 with CUDA, or use NVIDIA's NGC Triton TensorRT-LLM container "
+    "(tritonserver:<release>-trtllm-python-py3) of a 1.2.x release "
     "(PyPI's tensorrt-llm is only a placeholder without NVIDIA's index)"
 )
 
