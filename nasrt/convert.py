@@ -89,7 +89,7 @@ def validate_source(reader, spec: ModelSpec) -> None:
         raise CheckpointError(f"tensor(s) {extra[:5]} are not used by the layer variants in config.json")
 
 
-def _rule_entries(spec: ModelSpec, mapping: Mapping, rank: int) -> list[tuple[TensorRule, int | None, int | None]]:
+def stage_rules(spec: ModelSpec, mapping: Mapping, rank: int) -> list[tuple[TensorRule, int | None, int | None]]:
     """(rule, global layer, local layer) for every tensor of ``rank``'s pipeline stage."""
     pp_rank = mapping.pp_rank(rank)
     layers = pp_layers(spec.num_layers, mapping.pp_size, pp_rank)
@@ -109,7 +109,7 @@ def plan_rank(spec: ModelSpec, opts: ConvertOptions, rank: int) -> list[tuple[Pl
     mapping = opts.mapping
     tp, tp_rank = mapping.tp_size, mapping.tp_rank(rank)
     plan = []
-    for rule, glob, local in _rule_entries(spec, mapping, rank):
+    for rule, glob, local in stage_rules(spec, mapping, rank):
         layer = spec.layers[glob] if glob is not None else None
         sources = rule.hf_names(glob)
         shapes = hf_shapes(rule, spec, layer)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from nasrt.arch import ModelSpec, from_trtllm_config, read_json
-from nasrt.convert import ConvertOptions, _rule_entries
+from nasrt.convert import ConvertOptions, stage_rules
 from nasrt.errors import CheckpointError
 from nasrt.sharding import Mapping, merge_tp, pp_layers
 from nasrt.st_io import SafetensorsReader
@@ -84,7 +84,7 @@ def load_checkpoint(ckpt_dir: str | Path) -> TrtllmCheckpoint:
     used: set[tuple[int, str]] = set()
     for pp_rank in range(mapping.pp_size):
         ranks = [pp_rank * mapping.tp_size + t for t in range(mapping.tp_size)]
-        for rule, glob, _local in _rule_entries(spec, mapping, ranks[0]):
+        for rule, glob, _local in stage_rules(spec, mapping, ranks[0]):
             name = rule.trt_name(glob)
             shards = []
             for r in ranks:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_reference import raw_layers
 from safetensors.torch import load_file, save_file
 
 import nasrt.convert as convert_mod
@@ -36,24 +37,10 @@ def hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def intermediate(ffn_mult: float, hidden: int) -> int:
-    n = int(2 * ffn_mult * hidden / 3)
-    return math.ceil(n / 256) * 256
-
-
 def hf_layers(cfg: dict) -> list[dict]:
     """Per layer: attention kind + kv, ffn kind + width, read straight from the HF block_configs."""
-    nh, h = cfg["num_attention_heads"], cfg["hidden_size"]
-    out = []
-    for block in cfg["block_configs"]:
-        a, f = block["attention"], block["ffn"]
-        att = "no_op" if a.get("no_op") else "linear" if a.get("replace_with_linear") else "attention"
-        ffn = "no_op" if f.get("no_op") else "linear" if f.get("replace_with_linear") else "mlp"
-        out.append({"attention": {"impl": att, "num_key_value_heads": nh // a["n_heads_in_group"]
-                                  if att == "attention" else None},
-                    "ffn": {"impl": ffn, "intermediate_size": intermediate(f["ffn_mult"], h)
-                            if ffn == "mlp" else None}})
-    return out
+    return [{"attention": {"impl": ak, "num_key_value_heads": kv or None},
+             "ffn": {"impl": fk, "intermediate_size": inter or None}} for ak, kv, fk, inter in raw_layers(cfg)]
 
 
 def stage_layers(n_layers: int, pp: int, pp_rank: int) -> list[int]:

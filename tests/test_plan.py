@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+from hf_reference import raw_layers
 
 from nasrt.arch import load_spec
 from nasrt.cli import main
@@ -24,23 +25,6 @@ KiB, GiB = 1024, 1024**3
 
 
 # ---- independent derivation from the raw config ----------------------------------------------------------
-
-def raw_layers(cfg: dict) -> list[tuple[str, int, str, int]]:
-    """(attention kind, kv heads, ffn kind, intermediate size) per layer, straight from HF block_configs."""
-    nh, h = cfg["num_attention_heads"], cfg["hidden_size"]
-    out = []
-    for b in cfg["block_configs"]:
-        a, f = b["attention"], b["ffn"]
-        ak = "no_op" if a.get("no_op") else "linear" if a.get("replace_with_linear") else "attention"
-        fk = "no_op" if f.get("no_op") else "linear" if f.get("replace_with_linear") else "mlp"
-        kv = nh // a["n_heads_in_group"] if ak == "attention" else 0
-        inter = 0
-        if fk == "mlp":
-            n = int(2 * f["ffn_mult"] * h / 3)
-            inter = math.ceil(n / 256) * 256
-        out.append((ak, kv, fk, inter))
-    return out
-
 
 def expected_params(cfg: dict) -> int:
     """decilm-architecture.md section 7: GQA 2H^2 + 2*H*kv*hd + H; linear H^2 + H; SwiGLU 3HI + H; 2VH + H."""

@@ -13,6 +13,7 @@ before attention reads them, in prefill, decode and full recomputation alike, so
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import ClassVar
 
 import torch
@@ -150,18 +151,22 @@ def _by_linear(rules: tuple[TensorRule, ...]) -> dict[str, TensorRule]:
 
 # ---- registries ------------------------------------------------------------------------------------------
 
-class AttnBlock(nn.Module):
-    """Base of the attention variants; subclasses register themselves under their :class:`AttnKind`."""
+class _SubBlock(nn.Module):
+    """Base of a sub-block family: a direct subclass (the family) gets its own registry; its subclasses
+    register themselves there under their kind (``class X(AttnBlock, kind=AttnKind.LINEAR)``)."""
 
-    registry: ClassVar[dict[AttnKind, type[AttnBlock]]] = {}
-    kind: ClassVar[AttnKind]
+    registry: ClassVar[dict]
+    kind: ClassVar[Enum]
 
-    def __init_subclass__(cls, kind: AttnKind, **kw):
+    def __init_subclass__(cls, kind: Enum | None = None, **kw):
         super().__init_subclass__(**kw)
-        if kind in AttnBlock.registry:
-            raise TypeError(f"attention kind {kind} registered twice")
+        if kind is None:
+            cls.registry = {}
+            return
+        if kind in cls.registry:
+            raise TypeError(f"{cls.__mro__[1].__name__} kind {kind} registered twice")
         cls.kind = kind
-        AttnBlock.registry[kind] = cls
+        cls.registry[kind] = cls
 
     def __init__(self, ctx: LoadContext, index: int):
         super().__init__()
@@ -169,23 +174,16 @@ class AttnBlock(nn.Module):
         self.eps = ctx.spec.norm_epsilon
 
 
-class FfnBlock(nn.Module):
-    """Base of the FFN variants; subclasses register themselves under their :class:`FfnKind`."""
+class AttnBlock(_SubBlock):
+    """Base of the attention variants, registered under their :class:`AttnKind`."""
 
-    registry: ClassVar[dict[FfnKind, type[FfnBlock]]] = {}
-    kind: ClassVar[FfnKind]
+    registry: ClassVar[dict[AttnKind, type[AttnBlock]]]
 
-    def __init_subclass__(cls, kind: FfnKind, **kw):
-        super().__init_subclass__(**kw)
-        if kind in FfnBlock.registry:
-            raise TypeError(f"ffn kind {kind} registered twice")
-        cls.kind = kind
-        FfnBlock.registry[kind] = cls
 
-    def __init__(self, ctx: LoadContext, index: int):
-        super().__init__()
-        self.index = index
-        self.eps = ctx.spec.norm_epsilon
+class FfnBlock(_SubBlock):
+    """Base of the FFN variants, registered under their :class:`FfnKind`."""
+
+    registry: ClassVar[dict[FfnKind, type[FfnBlock]]]
 
 
 # ---- attention variants ----------------------------------------------------------------------------------
