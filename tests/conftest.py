@@ -46,9 +46,9 @@ def synthetic_copy(synthetic, tmp_path) -> Path:
 @pytest.fixture()
 def no_trtllm(monkeypatch):
     """Make TensorRT-LLM absent even on a machine that has it."""
-    import nasrt.engine
+    import nasrt.deploy.engine
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(nasrt.engine.importlib.util, "find_spec",
+    monkeypatch.setattr(nasrt.deploy.engine.importlib.util, "find_spec",
                         lambda name, *a: None if name.split(".")[0] == "tensorrt_llm" else real_find_spec(name, *a))
-    monkeypatch.setattr(nasrt.engine.shutil, "which", lambda name, *a: None)
+    monkeypatch.setattr(nasrt.deploy.engine.shutil, "which", lambda name, *a: None)

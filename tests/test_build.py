@@ -1,7 +1,7 @@
 """Acceptance tests of build profiles and ``nasrt build`` (issue 5, items 1-2).
 
 The allowed trtllm-build 1.2 flags and values below are transcribed from shared/reference/trtllm-checkpoint-format.md
-section 7 (plugin dtype choices as in TensorRT-LLM 1.2's ``PluginConfig``), independently of ``nasrt.profiles``.
+section 7 (plugin dtype choices as in TensorRT-LLM 1.2's ``PluginConfig``), independently of ``nasrt.deploy.profiles``.
 """
 
 from __future__ import annotations
@@ -14,16 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 
-import nasrt.engine
-import nasrt.engine.build as build_mod
+import nasrt.deploy.engine
+import nasrt.deploy.engine.build as build_mod
 from nasrt.arch import from_hf_config
 from nasrt.cli import main
 from nasrt.convert import ConvertOptions, convert_checkpoint, trtllm_config, write_rank
+from nasrt.deploy.plan import PlanRequest, plan_memory
+from nasrt.deploy.profiles import (
+    PROFILE_DIR,
+    list_profiles,
+    load_plugin_preset,
+    load_profile,
+    trtllm_build_argv,
+)
 from nasrt.errors import CheckpointError, ConfigError, MissingDependencyError
 from nasrt.fixtures import write_config_only
 from nasrt.fp8 import quantize, scale_from_amax
-from nasrt.plan import PlanRequest, plan_memory
-from nasrt.profiles import PROFILE_DIR, list_profiles, load_plugin_preset, load_profile, trtllm_build_argv
 from nasrt.st_io import DictReader, SafetensorsReader
 from nasrt.tensor_map import ACT_SCALE, WEIGHT_SCALE, layer_rules
 
@@ -224,7 +230,7 @@ def test_user_adds_a_profile_by_adding_a_file(tmp_path, ckpts):
 def test_planner_fp8_weight_bytes_equal_fp8_rank_file(ckpts):
     """FP8 linears at 1 byte + two float32 scales each, KV scale per attention layer, 16-bit embedding/lm_head."""
     from nasrt.arch import load_spec
-    from nasrt.plan import request_defaults
+    from nasrt.deploy.plan import request_defaults
 
     d = request_defaults(ckpts["fp8"])
     assert (d["dtype"], d["kv_cache_dtype"]) == ("fp8", "fp8")
@@ -313,10 +319,10 @@ def test_build_without_trtllm_stops_and_writes_nothing(ckpts, tmp_path, capsys, 
 
 
 def test_wrong_trtllm_version_is_refused(monkeypatch):
-    monkeypatch.setattr(nasrt.engine, "trtllm_version", lambda: "1.3.0rc23")
-    monkeypatch.setattr(nasrt.engine.shutil, "which", lambda name, *a: "/usr/bin/" + name)
+    monkeypatch.setattr(nasrt.deploy.engine, "trtllm_version", lambda: "1.3.0rc23")
+    monkeypatch.setattr(nasrt.deploy.engine.shutil, "which", lambda name, *a: "/usr/bin/" + name)
     with pytest.raises(MissingDependencyError, match="found 1.3.0rc23"):
-        nasrt.engine.require_trtllm("nasrt build", "1 x h100-80gb", need_cli=True)
+        nasrt.deploy.engine.require_trtllm("nasrt build", "1 x h100-80gb", need_cli=True)
 
 
 def test_existing_output_dir_is_refused(ckpts, tmp_path, no_trtllm):

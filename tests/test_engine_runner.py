@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import nasrt.engine.runner as runner_mod
+import nasrt.deploy.engine.runner as runner_mod
 from nasrt.arch import load_spec
 from nasrt.cli import build_parser, main
 from nasrt.convert import ConvertOptions, trtllm_config
@@ -202,7 +202,7 @@ def test_print_outputs_slices_prompt_and_sequence_length(smollm2, tmp_path, toke
 @pytest.mark.parametrize("session", [[], ["--use_py_session"]])
 def test_real_engine_answers_paris(smollm2, tmp_path_factory, capsys, session):
     from nasrt.convert import convert_checkpoint
-    from nasrt.engine.build import build_engine
+    from nasrt.deploy.engine.build import build_engine
 
     root = tmp_path_factory.mktemp("smol-engine")
     ckpt = convert_checkpoint(smollm2, root / "ckpt", ConvertOptions("float16"), progress=False)

@@ -17,9 +17,9 @@ from hf_reference import raw_layers
 from nasrt.arch import load_spec
 from nasrt.cli import main
 from nasrt.convert import ConvertOptions, convert_checkpoint
+from nasrt.deploy.plan import GPUS, PlanRequest, plan_memory, render
 from nasrt.errors import ConfigError, ShardingError
 from nasrt.fixtures import write_config_only
-from nasrt.plan import GPUS, PlanRequest, plan_memory, render
 
 KiB, GiB = 1024, 1024**3
 

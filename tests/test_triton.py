@@ -15,22 +15,22 @@ from tritonclient.grpc import model_config_pb2
 from nasrt import cli
 from nasrt.arch import load_spec
 from nasrt.convert import ConvertOptions, convert_checkpoint
-from nasrt.errors import CheckpointError, ConfigError, NasrtError, OutputExistsError
-from nasrt.fixtures import write_config_only
-from nasrt.sharding import Mapping
-from nasrt.triton.client import build_payload, generate
-from nasrt.triton.launch import launch_command
-from nasrt.triton.models.postprocessing import Postprocessor
-from nasrt.triton.models.preprocessing import Preprocessor, to_word_list
-from nasrt.triton.models.reference_llm import from_word_list, output_arrays, parse_request
-from nasrt.triton.repository import (
+from nasrt.deploy.triton.client import build_payload, generate
+from nasrt.deploy.triton.launch import launch_command
+from nasrt.deploy.triton.models.postprocessing import Postprocessor
+from nasrt.deploy.triton.models.preprocessing import Preprocessor, to_word_list
+from nasrt.deploy.triton.models.reference_llm import from_word_list, output_arrays, parse_request
+from nasrt.deploy.triton.repository import (
     RECORD,
     ServingOptions,
     read_engine,
     write_engine_repository,
     write_reference_repository,
 )
-from nasrt.triton.server import free_ports
+from nasrt.deploy.triton.server import free_ports
+from nasrt.errors import CheckpointError, ConfigError, NasrtError, OutputExistsError
+from nasrt.fixtures import write_config_only
+from nasrt.sharding import Mapping
 
 MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing")
 BUILD = {"max_batch_size": 16, "max_input_len": 3072, "max_seq_len": 4096, "max_num_tokens": 8192,
@@ -154,7 +154,7 @@ def test_engine_limits_and_parameters(repos):
 
 
 def test_record_keeps_the_engines_build_record(repos, smollm2, tmp_path):
-    from nasrt.engine.build import RECORD_NAME
+    from nasrt.deploy.engine.build import RECORD_NAME
 
     eng = tmp_path / "eng"
     shutil.copytree(repos["engine_dir"], eng)
@@ -179,7 +179,7 @@ def test_tokenizer_dir_and_options_reach_the_models(repos, smollm2, tmp_path):
 
 
 def test_python_models_are_this_projects_sources(repos):
-    models = Path(__file__).parents[1] / "nasrt" / "triton" / "models"
+    models = Path(__file__).parents[1] / "nasrt" / "deploy" / "triton" / "models"
     for name in ("preprocessing", "postprocessing"):
         for variant in ("engine", "reference"):
             assert (repos[variant] / name / "1" / "model.py").read_text() == (models / f"{name}.py").read_text()
@@ -187,7 +187,7 @@ def test_python_models_are_this_projects_sources(repos):
         assert "import nasrt" not in source and "from nasrt" not in source
     assert not (repos["engine"] / "tensorrt_llm" / "1" / "model.py").exists()
     shim = (repos["reference"] / "tensorrt_llm" / "1" / "model.py").read_text()
-    assert "nasrt.triton.models.reference_llm import TritonPythonModel" in shim
+    assert "nasrt.deploy.triton.models.reference_llm import TritonPythonModel" in shim
     params = parse(repos["reference"] / "tensorrt_llm" / "config.pbtxt").parameters
     assert params["checkpoint_dir"].string_value == str(repos["ckpt"].resolve())
 

@@ -11,9 +11,9 @@ import pytest
 
 from nasrt import cli
 from nasrt.convert import ConvertOptions, convert_checkpoint
+from nasrt.deploy.triton.client import generate
+from nasrt.deploy.triton.server import LocalTritonServer
 from nasrt.errors import NasrtError
-from nasrt.triton.client import generate
-from nasrt.triton.server import LocalTritonServer
 
 pytestmark = pytest.mark.slow  # one real server start (~15-30 s on 2 busy cores)
 

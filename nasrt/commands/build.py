@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from nasrt.engine.build import RECORD_NAME, build_engine
-from nasrt.plan import render
-from nasrt.profiles import PROFILE_DIR, list_profiles
+from nasrt.deploy.engine.build import RECORD_NAME, build_engine
+from nasrt.deploy.plan import render
+from nasrt.deploy.profiles import PROFILE_DIR, list_profiles
 
 HELP = "build a TensorRT-LLM engine with a build profile (checks the checkpoint and the memory plan first)"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nasrt.triton.client import generate
+from nasrt.deploy.triton.client import generate
 
 HELP = "query a Triton model repository (POST /v2/models/ensemble/generate[_stream]) and print text_output"
 

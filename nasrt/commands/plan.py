@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 from nasrt.arch import load_spec
-from nasrt.plan import (
+from nasrt.deploy.plan import (
     GPUS,
     KV_DTYPES,
     WEIGHT_DTYPES,
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.model)
     values = request_defaults(args.model)
     if args.profile:
-        from nasrt.profiles import load_profile
+        from nasrt.deploy.profiles import load_profile
 
         prof = load_profile(args.profile)
         values.update(gpu=prof.gpu, tp=prof.tp_size, pp=prof.pp_size, batch=prof.max_batch_size,

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                           f"(TensorRT-LLM runtime); got {'both' if args.checkpoint_dir else 'neither'}")
     if args.engine_dir:
         try:
-            from nasrt.engine.runner import run_engine
+            from nasrt.deploy.engine.runner import run_engine
         except ImportError as exc:
             from nasrt.errors import MissingDependencyError
 

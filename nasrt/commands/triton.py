@@ -7,14 +7,14 @@ import argparse
 import signal
 import time
 
-from nasrt.errors import ConfigError
-from nasrt.triton.launch import format_command, launch_command, launch_script_command
-from nasrt.triton.repository import (
+from nasrt.deploy.triton.launch import format_command, launch_command, launch_script_command
+from nasrt.deploy.triton.repository import (
     ServingOptions,
     read_engine,
     write_engine_repository,
     write_reference_repository,
 )
+from nasrt.errors import ConfigError
 
 HELP = "write a Triton Inference Server model repository (ensemble, pre/post-processing, tensorrt_llm)"
 
@@ -67,7 +67,7 @@ def _interrupt(_signum, _frame) -> None:
 
 
 def _serve(repo, args: argparse.Namespace) -> None:
-    from nasrt.triton.server import LocalTritonServer
+    from nasrt.deploy.triton.server import LocalTritonServer
 
     # SIGTERM (and SIGINT, even where a background shell ignored it) stops the server cleanly.
     signal.signal(signal.SIGTERM, _interrupt)

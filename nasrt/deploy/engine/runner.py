@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nasrt.arch import from_trtllm_config, read_json
-from nasrt.engine import require_trtllm
+from nasrt.deploy.engine import require_trtllm
 from nasrt.errors import CheckpointError, ConfigError, MissingDependencyError
 from nasrt.runtime.generate import SamplingConfig
 from nasrt.runtime.text import (
@@ -34,7 +34,7 @@ from nasrt.runtime.text import (
 
 log = logging.getLogger(__name__)
 
-REPO_RUN_PY = Path(__file__).resolve().parent.parent.parent / "run.py"
+REPO_RUN_PY = Path(__file__).resolve().parents[3] / "run.py"
 #: ``run`` arguments forwarded to every MPI rank, in order (``launch`` is not: the ranks must not relaunch).
 FORWARDED = ("engine_dir", "tokenizer_dir", "input_text", "input_file", "max_output_len", "max_input_length",
              "temperature", "top_k", "top_p", "num_beams", "seed", "end_id", "pad_id", "stop_words", "chat",

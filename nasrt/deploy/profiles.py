@@ -17,7 +17,7 @@ from typing import Any
 
 from nasrt.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PROFILE_DIR = REPO_ROOT / "build"
 PLUGIN_DIR = REPO_ROOT / "plugins"
 
@@ -201,7 +201,7 @@ def list_profiles(directory: Path = PROFILE_DIR) -> list[str]:
 
 def load_profile(name_or_path: str | Path) -> Profile:
     """Load and validate ``build/<name>.json`` (or a path); errors name the file and the field."""
-    from nasrt.plan import GPUS  # the planner owns the GPU table
+    from nasrt.deploy.plan import GPUS  # the planner owns the GPU table
 
     path = _resolve(name_or_path, (PROFILE_DIR,), "build profile")
     data = _read(path, "build profile")

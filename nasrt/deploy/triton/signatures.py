@@ -8,7 +8,7 @@ nasrt additions: the optional ``apply_chat_template`` ensemble input (``APPLY_CH
 
 from __future__ import annotations
 
-from nasrt.triton.pbtxt import Step, TensorSig
+from nasrt.deploy.triton.pbtxt import Step, TensorSig
 
 
 def _scalar(name: str, dtype: str, optional: bool = True) -> TensorSig:

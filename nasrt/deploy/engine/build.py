@@ -20,10 +20,10 @@ from typing import Any
 import nasrt
 from nasrt.arch import ModelSpec, from_trtllm_config, is_trtllm_config, read_json
 from nasrt.atomic import atomic_output_dir
-from nasrt.engine import require_trtllm
+from nasrt.deploy.engine import require_trtllm
+from nasrt.deploy.plan import GPUS, Plan, PlanRequest, plan_memory, request_defaults
+from nasrt.deploy.profiles import Profile, load_profile, trtllm_build_argv
 from nasrt.errors import CheckpointError, ConfigError, MissingDependencyError, NasrtError
-from nasrt.plan import GPUS, Plan, PlanRequest, plan_memory, request_defaults
-from nasrt.profiles import Profile, load_profile, trtllm_build_argv
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def build_engine(checkpoint_dir: str | Path, profile: str | Path | Profile, outp
         if proc.returncode:
             tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
             raise NasrtError(f"trtllm-build failed with exit code {proc.returncode}; last output:\n{tail}")
-        from nasrt.engine.runner import validate_engine_dir
+        from nasrt.deploy.engine.runner import validate_engine_dir
 
         validate_engine_dir(tmp)
         result.record = {

@@ -1,0 +1,7 @@
+"""Deployment: everything after the checkpoint is written.
+
+- :mod:`nasrt.deploy.plan` — memory planner (will this model, precision, batch × sequence fit this GPU);
+- :mod:`nasrt.deploy.profiles` — build profiles (``build/``) and plugin presets (``plugins/``);
+- :mod:`nasrt.deploy.engine` — the engine path (TensorRT-LLM 1.2.x: ``trtllm-build``, ``ModelRunnerCpp``);
+- :mod:`nasrt.deploy.triton` — Triton model repositories, their Python models, server helper and client.
+"""
