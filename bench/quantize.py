@@ -7,9 +7,10 @@ no-op attention, 7168-wide FFNs, one 14336-wide; small vocab) with a small token
 same calibration batches, each in a fresh child process so its peak RSS (``VmHWM``) is its own:
 
 * layer-wise: ``calibrate_layerwise`` (one block at a time from the safetensors);
-* whole model: ``calibrate_whole`` (everything loaded, one ``mtq.quantize``; ModelOpt's usual flow).
+* whole model: ``calibrate_whole`` (everything loaded, one ``mtq.quantize``; ModelOpt's usual flow);
+* layer-wise with the new default recipe (searched weight scales; issue 10), against the old default ``max``.
 
-Both timings cover loading the weights and calibration (not the Python imports); the modes run interleaved
+All timings cover loading the weights and calibration (not the Python imports); the modes run interleaved
 ``--repeat`` times and the best time / highest peak of each is used, since the CPUs may be shared. Prints the peak RSS of both,
 their ratio, the wall-time ratio, and the largest amax difference between the two (they must agree). Targets
 (issue 4): layer-wise <= 0.3x the memory at <= 1.2x the time.
@@ -56,9 +57,11 @@ reader = SafetensorsReader(model_dir)
 register_attention()  # imports ModelOpt before the timer, like every other import
 base = hwm()
 t0 = time.perf_counter()
-if mode == "layerwise":
+if mode.startswith("layerwise"):
     from nasrt.quantize.layerwise import calibrate_layerwise
-    amax = calibrate_layerwise(reader, spec, batches, settings, torch.bfloat16, progress=False)
+    from nasrt.quantize.recipes import DEFAULT_RECIPE, get_recipe
+    recipe = get_recipe(DEFAULT_RECIPE if mode == "layerwise_new" else "max")
+    amax = calibrate_layerwise(reader, spec, batches, settings, torch.bfloat16, progress=False, recipe=recipe)
 else:
     from nasrt.quantize.whole import calibrate_whole
     amax, model = calibrate_whole(model_dir, reader, spec, batches, settings, torch.bfloat16)
@@ -74,7 +77,7 @@ def make_model(out: Path) -> Path:
     from nasrt.quantize.tiny_tokenizer import write_tiny_tokenizer
 
     d = write_synthetic(out / "hf", "nemotron-51b-tiny", seed=0, shards=12, pattern=PATTERN, hidden_size=8192,
-                        num_attention_heads=64, vocab_size=1024)
+                        num_attention_heads=64, vocab_size=1024, overwrite=True)
     write_tiny_tokenizer(d, 1024)
     return d
 
@@ -115,7 +118,7 @@ def main() -> int:
               f"{time.perf_counter() - t0:.0f} s")
         res: dict[str, dict] = {}
         for rep in range(args.repeat):  # interleaved; best time and worst peak of each (shared, noisy CPUs)
-            for mode in ("layerwise", "whole"):
+            for mode in ("layerwise", "layerwise_new", "whole"):
                 r = run_child(mode, model_dir, args, work / f"amax-{mode}.safetensors")
                 print(f"{mode:>9} #{rep + 1}: {r['seconds']:7.1f} s   peak RSS {r['peak_rss'] / GB:6.2f} GiB "
                       f"(after imports {r['rss_before'] / GB:.2f} GiB)   {r['tokens']} calibration tokens")
@@ -132,7 +135,11 @@ def main() -> int:
         tim = res["layerwise"]["seconds"] / res["whole"]["seconds"]
         print(f"layer-wise / whole-model: peak RSS {mem:.2f}x (target <= 0.3x), wall time {tim:.2f}x "
               f"(target <= 1.2x); {len(a)} amax values, largest relative difference {rel:.1e}")
-        ok = mem <= 0.3 and tim <= 1.2 and rel <= 1e-6
+        mem_new = res["layerwise_new"]["peak_rss"] / res["whole"]["peak_rss"]
+        tim_new = res["layerwise_new"]["seconds"] / res["layerwise"]["seconds"]
+        print(f"new default recipe (layer-wise): peak RSS {mem_new:.2f}x whole-model (target <= 0.3x), wall time "
+              f"{tim_new:.2f}x the old default (max) layer-wise calibration (target <= 1.2x)")
+        ok = mem <= 0.3 and tim <= 1.2 and rel <= 1e-6 and mem_new <= 0.3 and tim_new <= 1.2
         print("PASS" if ok else "MISS")
         return 0 if ok else 1
     finally:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from nasrt.config_schema import MAX_WIDTH, check_hf_config, check_trtllm_config, show
 from nasrt.errors import ConfigError
 
 #: Attention sub-block keys in HF ``block_configs`` that nasrt understands; anything else must be null/false.
@@ -162,9 +165,17 @@ class ModelSpec:
 
     def to_trtllm_config(self, dtype: str, mapping: dict[str, Any], quantization: dict[str, Any] | None = None,
                          use_parallel_embedding: bool = False, embedding_sharding_dim: int = 0) -> dict[str, Any]:
-        """The TensorRT-LLM ``config.json`` for ``DeciLMForCausalLM``."""
-        max_i = max((la.ffn.intermediate_size or 0) for la in self.layers) or 4 * self.hidden_size
-        max_kv = max(self.kv_heads_per_layer, default=self.num_attention_heads)
+        """The TensorRT-LLM ``config.json`` for ``DeciLMForCausalLM``.
+
+        Top-level ``num_key_value_heads`` / ``intermediate_size`` are only fallbacks (``layer_configs`` carries
+        every layer's value). They are written as TensorRT-LLM's own converter writes them: the value HF states
+        when every layer is of that kind and agrees (Llama, DeciLM-7B's FFN), else ``PretrainedConfig``'s defaults
+        ``num_attention_heads`` / ``4 * hidden_size`` (Nemotron-NAS: its HF config class nulls both).
+        """
+        kvs = {la.attention.num_kv_heads if la.has_kv_cache else None for la in self.layers}
+        widths = {la.ffn.intermediate_size if la.ffn.kind is FfnKind.MLP else None for la in self.layers}
+        max_kv = next(iter(kvs)) if len(kvs) == 1 and None not in kvs else self.num_attention_heads
+        max_i = next(iter(widths)) if len(widths) == 1 and None not in widths else 4 * self.hidden_size
         return {
             "architecture": "DeciLMForCausalLM",
             "dtype": dtype,
@@ -216,17 +227,20 @@ def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
 def _check_block_keys(sub: dict[str, Any], known: set[str], where: str) -> None:
     for key, value in sub.items():
         if key not in known and value not in (None, False, [], {}):
-            raise ConfigError(f"{where}: unsupported block variant field {key!r} = {value!r}")
+            raise ConfigError(f"{where}: unsupported block variant field {key!r} = {show(value)}")
     for key in _UNSUPPORTED_IF_SET:
         if sub.get(key) not in (None, False, [], {}):
-            raise ConfigError(f"{where}: {key!r} = {sub[key]!r} is not supported (only null/false)")
+            raise ConfigError(f"{where}: {key!r} = {show(sub[key])} is not supported (only null/false)")
 
 
 def hf_block_to_layer(block: dict[str, Any], layer: int, num_attention_heads: int, hidden_size: int) -> LayerSpec:
     """Convert one HF ``block_configs`` entry into a :class:`LayerSpec` (no_op first, then linear)."""
     if not isinstance(block, dict) or "attention" not in block or "ffn" not in block:
-        raise ConfigError(f"layer {layer}: block config needs 'attention' and 'ffn' entries, got {block!r}")
+        raise ConfigError(f"layer {layer}: block config needs 'attention' and 'ffn' entries, got {show(block)}")
     att, ffn = block["attention"] or {}, block["ffn"] or {}
+    for name, sub in (("attention", att), ("ffn", ffn)):
+        if not isinstance(sub, dict):
+            raise ConfigError(f"layer {layer} {name}: must be a JSON object, got {show(sub)}")
     _check_block_keys(att, _HF_ATTN_KEYS, f"layer {layer} attention")
     _check_block_keys(ffn, _HF_FFN_KEYS, f"layer {layer} ffn")
     for name, sub in (("attention", att), ("ffn", ffn)):
@@ -239,7 +253,7 @@ def hf_block_to_layer(block: dict[str, Any], layer: int, num_attention_heads: in
         a = AttnSpec(AttnKind.LINEAR)
     else:
         group = att.get("n_heads_in_group")
-        if not isinstance(group, int) or group <= 0 or num_attention_heads % group:
+        if type(group) is not int or group <= 0 or num_attention_heads % group:
             raise ConfigError(f"layer {layer} attention: n_heads_in_group={group!r} must divide "
                               f"num_attention_heads={num_attention_heads}")
         a = AttnSpec(AttnKind.ATTENTION, num_attention_heads // group)
@@ -250,9 +264,13 @@ def hf_block_to_layer(block: dict[str, Any], layer: int, num_attention_heads: in
         f = FfnSpec(FfnKind.LINEAR)
     else:
         mult = ffn.get("ffn_mult")
-        if not isinstance(mult, (int, float)) or mult <= 0:
-            raise ConfigError(f"layer {layer} ffn: ffn_mult={mult!r} must be a positive number")
-        f = FfnSpec(FfnKind.MLP, ffn_mult_to_intermediate_size(float(mult), hidden_size))
+        if type(mult) not in (int, float) or not math.isfinite(mult) or mult <= 0:
+            raise ConfigError(f"layer {layer} ffn: ffn_mult={show(mult)} must be a finite positive number")
+        width = ffn_mult_to_intermediate_size(float(mult), hidden_size)
+        if not 1 <= width <= MAX_WIDTH:
+            raise ConfigError(f"layer {layer} ffn: ffn_mult={mult!r} gives an FFN width of {width} for hidden_size "
+                              f"{hidden_size} (must be 1..{MAX_WIDTH})")
+        f = FfnSpec(FfnKind.MLP, width)
     return LayerSpec(a, f)
 
 
@@ -283,7 +301,9 @@ def _require(cfg: dict[str, Any], key: str, where: str) -> Any:
 
 
 def from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> ModelSpec:
-    """Parse an HF ``config.json`` of a ``nemotron-nas``, ``deci`` or plain ``llama`` model."""
+    """Parse an HF ``config.json`` of a ``nemotron-nas``, ``deci`` or plain ``llama`` model (validated first by
+    :func:`nasrt.config_schema.check_hf_config`)."""
+    check_hf_config(cfg, where)
     model_type = cfg.get("model_type")
     h = int(_require(cfg, "hidden_size", where))
     nh = int(_require(cfg, "num_attention_heads", where))
@@ -294,7 +314,7 @@ def from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> ModelSpec
         raise ConfigError(f"{where}: head_dim {head_dim} != hidden_size/num_attention_heads {h // nh}")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise ConfigError(f"{where}: attention_bias/mlp_bias are not supported")
-    act = cfg.get("hidden_act", "silu")
+    act = cfg.get("hidden_act") or "silu"
     if act != "silu":
         raise ConfigError(f"{where}: hidden_act {act!r} is not supported (only silu)")
     n_layers = int(_require(cfg, "num_hidden_layers", where))
@@ -310,25 +330,27 @@ def from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> ModelSpec
         if len(kvs) != n_layers:
             raise ConfigError(f"{where}: {len(kvs)} num_key_value_heads_per_layer for {n_layers} layers")
         layers = tuple(LayerSpec(AttnSpec(AttnKind.ATTENTION, int(kv)), FfnSpec(FfnKind.MLP, inter)) for kv in kvs)
-    elif model_type in ("llama", None) and cfg.get("intermediate_size"):
+    else:  # plain llama (check_hf_config refused every other model type)
         kv = int(cfg.get("num_key_value_heads") or nh)
-        inter = int(cfg["intermediate_size"])
+        inter = int(_require(cfg, "intermediate_size", where))
         layers = tuple(LayerSpec(AttnSpec(AttnKind.ATTENTION, kv), FfnSpec(FfnKind.MLP, inter))
                        for _ in range(n_layers))
-    else:
-        raise ConfigError(f"{where}: model_type {model_type!r} is not supported "
-                          "(expected 'nemotron-nas', 'deci' or 'llama')")
     for i, la in enumerate(layers):
         kv = la.attention.num_kv_heads
         if la.has_kv_cache and (kv <= 0 or nh % kv):
             raise ConfigError(f"layer {i} attention: {kv} KV heads do not divide {nh} attention heads")
 
+    vocab = int(_require(cfg, "vocab_size", where))
+    for key in ("bos_token_id", "eos_token_id"):
+        ids = cfg.get(key)
+        if any(i >= vocab for i in (ids if isinstance(ids, list) else [ids] if ids is not None else [])):
+            raise ConfigError(f"{where}: {key} = {show(ids)} is outside vocab_size {vocab}")
     theta, rope = _rope_from_hf(cfg)
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
     return ModelSpec(
-        hidden_size=h, num_attention_heads=nh, vocab_size=int(_require(cfg, "vocab_size", where)), layers=layers,
-        norm_epsilon=float(cfg.get("rms_norm_eps", 1e-5)), rope_theta=theta, rope_scaling=rope,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        hidden_size=h, num_attention_heads=nh, vocab_size=vocab, layers=layers,
+        norm_epsilon=float(cfg.get("rms_norm_eps") or 1e-5), rope_theta=theta, rope_scaling=rope,
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), hidden_act=act,
         torch_dtype=str(dtype).replace("torch.", ""), bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
@@ -337,7 +359,8 @@ def from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> ModelSpec
 
 def from_trtllm_config(cfg: dict[str, Any], where: str = "config.json") -> ModelSpec:
     """Parse a TensorRT-LLM ``DeciLMForCausalLM`` checkpoint ``config.json`` (``layer_configs`` or ModelOpt's
-    ``block_configs``)."""
+    ``block_configs``), validated first by :func:`nasrt.config_schema.check_trtllm_config`."""
+    check_trtllm_config(cfg, where)
     h = int(_require(cfg, "hidden_size", where))
     nh = int(_require(cfg, "num_attention_heads", where))
     n_layers = int(_require(cfg, "num_hidden_layers", where))
@@ -360,36 +383,80 @@ def from_trtllm_config(cfg: dict[str, Any], where: str = "config.json") -> Model
         raise ConfigError(f"{where}: neither layer_configs nor block_configs present")
     if len(layers_t) != n_layers:
         raise ConfigError(f"{where}: {len(layers_t)} layer configs for num_hidden_layers={n_layers}")
+    if h % nh:
+        raise ConfigError(f"{where}: hidden_size {h} is not divisible by num_attention_heads {nh}")
+    for i, la in enumerate(layers_t):
+        kv = la.attention.num_kv_heads
+        if la.has_kv_cache and (kv <= 0 or nh % kv):
+            raise ConfigError(f"{where}: layer {i} attention: {kv} KV heads do not divide {nh} attention heads")
     scaling = cfg.get("rotary_scaling")
     rope = None
     if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
-        rope = Llama3Rope(float(scaling["factor"]), float(scaling["low_freq_factor"]),
-                          float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+        try:
+            rope = Llama3Rope(float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                              float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+        except (KeyError, TypeError):
+            raise ConfigError(f"{where}: rotary_scaling {show(scaling)} is missing a llama3 field") from None
     elif scaling:
-        raise ConfigError(f"{where}: rotary_scaling {scaling!r} is not supported (only llama3)")
+        raise ConfigError(f"{where}: rotary_scaling {show(scaling)} is not supported (only llama3)")
     return ModelSpec(
         hidden_size=h, num_attention_heads=nh, vocab_size=int(_require(cfg, "vocab_size", where)), layers=layers_t,
-        norm_epsilon=float(cfg.get("norm_epsilon", 1e-5)), rope_theta=float(cfg.get("rotary_base", 10000.0)),
-        rope_scaling=rope, max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), hidden_act=cfg.get("hidden_act", "silu"),
-        torch_dtype=cfg.get("dtype", "bfloat16"), bos_token_id=cfg.get("bos_token_id"),
+        norm_epsilon=float(cfg.get("norm_epsilon") or 1e-5), rope_theta=float(cfg.get("rotary_base") or 10000.0),
+        rope_scaling=rope, max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), hidden_act=cfg.get("hidden_act") or "silu",
+        torch_dtype=cfg.get("dtype") or "bfloat16", bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"), extra={"trtllm_config": cfg},
     )
 
 
+#: A JSON file nasrt reads (config, index, record) larger than this is refused before it is read.
+MAX_JSON_BYTES = 64 << 20
+_UTF16_32_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+
+
 def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON file with an error that names it."""
+    """Read a JSON object from a regular UTF-8 file, every failure a :class:`ConfigError` naming the file.
+
+    Refused: a missing file or one that is not a regular file (a FIFO would block forever), files over
+    :data:`MAX_JSON_BYTES`, UTF-16/32 or otherwise non-UTF-8 bytes, invalid or too deeply nested JSON, integers too
+    long to convert, and a top level that is not an object. NaN / Infinity literals parse here; the config schema
+    (:mod:`nasrt.config_schema`) refuses them wherever nasrt reads the value.
+    """
+    path = Path(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        if st.st_size > MAX_JSON_BYTES:
+            raise ConfigError(f"{path}: {st.st_size} bytes is too large for a JSON file nasrt reads "
+                              f"(limit {MAX_JSON_BYTES})")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if data.startswith(_UTF16_32_BOMS) or (len(data) >= 2 and b"\x00" in data[:4]):
+        raise ConfigError(f"{path}: UTF-16/UTF-32 encoded; JSON files must be UTF-8")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); JSON files must be UTF-8") from None
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: invalid JSON ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python's int conversion limit
+        raise ConfigError(f"{path}: invalid JSON value ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: must hold a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def is_trtllm_config(cfg: dict[str, Any]) -> bool:
-    return "architecture" in cfg and ("layer_configs" in cfg or "mapping" in cfg)
+    return isinstance(cfg, dict) and "architecture" in cfg and ("layer_configs" in cfg or "mapping" in cfg)
 
 
 def load_spec(path: str | Path) -> ModelSpec:
@@ -399,4 +466,6 @@ def load_spec(path: str | Path) -> ModelSpec:
     cfg = read_json(cfg_path)
     if "pretrained_config" in cfg:  # engine dir
         cfg = cfg["pretrained_config"]
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{cfg_path}: pretrained_config = {show(cfg)} must be a JSON object")
     return from_trtllm_config(cfg, str(cfg_path)) if is_trtllm_config(cfg) else from_hf_config(cfg, str(cfg_path))

@@ -1,4 +1,4 @@
-"""The ``nasrt`` command line: one entry point, one module per subcommand in :mod:`nasrt.commands`.
+"""The ``nasrt`` command line: one entry point, one module per subcommand in ``nasrt/commands/``.
 
 Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``. Modules
 are imported only when their command runs, so ``nasrt inspect`` does not pay for ModelOpt or transformers.
@@ -7,9 +7,13 @@ are imported only when their command runs, so ``nasrt inspect`` does not pay for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from nasrt.errors import NasrtError
 
@@ -23,10 +27,57 @@ COMMANDS: dict[str, str] = {
     "eval": "nasrt.commands.eval",
     "build": "nasrt.commands.build",
     "plan": "nasrt.commands.plan",
+    "serve-config": "nasrt.commands.serve_config",
+    "check": "nasrt.commands.check",
     "triton": "nasrt.commands.triton",
+    "serve": "nasrt.commands.serve",
     "client": "nasrt.commands.client",
     "demo": "nasrt.commands.demo",
+    "derive": "nasrt.commands.derive",
 }
+
+
+#: shown by ``nasrt --help`` (plain text: no reStructuredText markup).
+DESCRIPTION = ("nasrt: Hugging Face Nemotron-NAS / DeciLM checkpoints to TensorRT-LLM (convert, FP8-quantize, build, "
+               "run, serve, plan). 'nasrt COMMAND --help' shows a command's flags.")
+#: signals that unwind like Ctrl-C, so that atomic outputs are cleaned up (SIGKILL cannot be caught: the next
+#: run names its debris, see :func:`nasrt.atomic.handle_stale`).
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM / SIGHUP (a subclass of KeyboardInterrupt: every cleanup runs)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_like_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM / SIGHUP raise :class:`Terminated` (once; repeats are ignored so the cleanup
+    can finish). Signals whose handler is not the default one (e.g. ignored by ``nohup``) are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = False
+
+    def handler(signum: int, _frame) -> None:
+        nonlocal fired
+        if fired:
+            return
+        fired = True
+        raise Terminated(signum)
+
+    old = {}
+    for sig in TERMINATING_SIGNALS:
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, prev in old.items():
+            signal.signal(sig, prev)
 
 
 def _module(name: str):
@@ -34,7 +85,7 @@ def _module(name: str):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nasrt", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="nasrt", description=DESCRIPTION)
     parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
@@ -58,13 +109,15 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="[nasrt] %(levelname)s %(name)s: %(message)s")
     try:
-        return int(_module(args.command).run(args) or 0)
+        with terminate_like_interrupt():
+            return int(_module(args.command).run(args) or 0)
     except NasrtError as exc:
         print(f"nasrt {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"nasrt {args.command}: interrupted; nothing was left under the output name", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = f"terminated ({exc})" if isinstance(exc, Terminated) else "interrupted"
+        print(f"nasrt {args.command}: {how}; nothing was left under the output name", file=sys.stderr)
+        return 128 + exc.signum if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -7,9 +7,17 @@ The converter never builds a network: it plans every rank tensor from :mod:`nasr
 
 from __future__ import annotations
 
-import json
+import contextlib
+import ctypes
 import logging
 import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +27,7 @@ from tqdm import tqdm
 
 import nasrt
 from nasrt.arch import ModelSpec, from_hf_config, read_json
-from nasrt.atomic import atomic_output_dir
+from nasrt.atomic import atomic_output_dir, write_json
 from nasrt.errors import CheckpointError
 from nasrt.sharding import Mapping, Piece, assemble, piece_shape, pp_layers, tp_pieces
 from nasrt.st_io import FileRange, SafetensorsReader, torch_dtype, write_safetensors_stream
@@ -83,6 +91,7 @@ def validate_source(reader, spec: ModelSpec) -> None:
         got = reader.shape(name)
         if tuple(got) != tuple(shape):
             raise CheckpointError(f"tensor {name!r} has shape {list(got)} but config.json implies {list(shape)}")
+    reader.check_floating(expected)
     extra = sorted(n for n in names - set(expected)
                    if not n.endswith("rotary_emb.inv_freq") and not (spec.tie_word_embeddings and n == "lm_head.weight"))
     if extra:
@@ -203,37 +212,92 @@ def _cast(t: torch.Tensor, target: torch.dtype) -> torch.Tensor:
     return t if t.dtype in (torch.float8_e4m3fn, target) else t.to(target)
 
 
-def _worker(args: tuple[str, dict[str, Any], ConvertOptions, str, int, str, bool]) -> int:
-    model_dir, cfg, opts, dtype, rank, out_dir, progress = args
-    write_rank(SafetensorsReader(model_dir), from_hf_config(cfg), opts, dtype, rank, Path(out_dir),
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: the worker exits as soon as the converting process dies, even by SIGKILL, so that nothing
+    keeps writing into its temporary directory (Linux: ``PR_SET_PDEATHSIG``; everywhere: a parent-pid watchdog)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # no libc prctl: the watchdog remains
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="nasrt-parent-watchdog", daemon=True).start()
+
+
+def run_in_workers(fn, jobs: list, workers: int, progress: bool = True) -> None:
+    """Run ``fn(job)`` for every job in ``workers`` spawned processes that die with this one. Any failure -- an
+    error in a worker, a worker killed (e.g. out of memory), KeyboardInterrupt or SIGTERM here -- kills the other
+    workers at once, so nothing keeps writing, and is re-raised (a dead worker as :class:`CheckpointError`)."""
+    # spawn, not fork: forking a process that already runs torch/safetensors threads can deadlock
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_die_with_parent, initargs=(os.getpid(),))
+    try:
+        futures = [pool.submit(fn, job) for job in jobs]
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="ranks", disable=not progress):
+            fut.result()
+    except BaseException as exc:
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        for proc in procs:
+            with contextlib.suppress(Exception):
+                proc.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(exc, BrokenProcessPool):
+            codes = sorted({p.exitcode for p in procs if p.exitcode})
+            raise CheckpointError(f"a conversion worker died (exit code {', '.join(map(str, codes)) or '?'}; out of "
+                                  "memory? try fewer --workers); nothing was written") from None
+        raise
+    pool.shutdown(wait=True)
+
+
+def _worker(args: tuple[str, dict[str, Any], ConvertOptions, str, int, str, bool, bool]) -> int:
+    model_dir, cfg, opts, dtype, rank, out_dir, progress, allow_external = args
+    write_rank(SafetensorsReader(model_dir, allow_external=allow_external), from_hf_config(cfg), opts, dtype, rank,
+               Path(out_dir),
                progress=progress)
     return rank
 
 
 def convert_checkpoint(model_dir: str | Path, output_dir: str | Path, opts: ConvertOptions = ConvertOptions(),
-                       workers: int = 1, overwrite: bool = False, progress: bool = True) -> Path:
-    """Convert an HF checkpoint directory into a TensorRT-LLM checkpoint directory (atomically)."""
+                       workers: int = 1, overwrite: bool = False, progress: bool = True,
+                       allow_external: bool = False) -> Path:
+    """Convert an HF checkpoint directory into a TensorRT-LLM checkpoint directory (atomically).
+
+    ``allow_external``: read weight files whose symlinks resolve outside ``model_dir`` (``--allow_external_files``).
+    """
     model_dir = Path(model_dir)
     cfg_path = model_dir / "config.json"
     hf_cfg = read_json(cfg_path)
     spec = from_hf_config(hf_cfg, str(cfg_path))
     dtype = resolve_dtype(opts.dtype, spec)
     check_layout(spec, opts)
-    reader = SafetensorsReader(model_dir)
+    reader = SafetensorsReader(model_dir, allow_external=allow_external)
     validate_source(reader, spec)
     world = opts.mapping.world_size
     log.info("converting %s (%d layers) -> %s: dtype %s, tp %d, pp %d", model_dir, spec.num_layers, output_dir,
              dtype, opts.tp_size, opts.pp_size)
     with atomic_output_dir(output_dir, overwrite, inputs=(model_dir,)) as tmp:
-        (tmp / "config.json").write_text(json.dumps(trtllm_config(spec, opts, dtype), indent=2))
+        write_json(tmp / "config.json", trtllm_config(spec, opts, dtype))
         if workers > 1 and world > 1:
-            # spawn, not fork: forking a process that already runs torch/safetensors threads can deadlock
-            ctx = multiprocessing.get_context("spawn")
-            jobs = [(str(model_dir), hf_cfg, opts, dtype, r, str(tmp), False) for r in range(world)]
-            with ctx.Pool(min(workers, world)) as pool:
-                for _ in tqdm(pool.imap_unordered(_worker, jobs), total=world, desc="ranks", disable=not progress):
-                    pass
+            jobs = [(str(model_dir), hf_cfg, opts, dtype, r, str(tmp), False, allow_external) for r in range(world)]
+            run_in_workers(_worker, jobs, min(workers, world), progress)
         else:
             for rank in range(world):
                 write_rank(reader, spec, opts, dtype, rank, tmp, progress=progress)
+        check_output(tmp, output_dir)
     return Path(output_dir)
+
+
+def check_output(tmp: Path, output_dir: str | Path) -> None:
+    """``nasrt check`` of a just-written checkpoint (headers only) before it is renamed into place."""
+    from nasrt.deploy.check import check_dir, require_clean
+
+    require_clean(check_dir(tmp, "checkpoint"), f"output {output_dir} (not written)", temporary=True)

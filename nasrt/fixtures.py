@@ -4,7 +4,6 @@ DeciLM checkpoints with every layer variant, and config-only files of the releas
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from nasrt.arch import ffn_mult_to_intermediate_size, from_hf_config, read_json
-from nasrt.atomic import atomic_output_dir
+from nasrt.atomic import atomic_output_dir, write_json
 from nasrt.errors import ConfigError, MissingDependencyError
 from nasrt.presets import ALL_VARIANTS_PATTERN, NEMOTRON_51B_PATTERN, hf_config, released_config
 from nasrt.st_io import SafetensorsReader
@@ -44,7 +43,7 @@ def write_hf_checkpoint(out_dir: Path, config: dict[str, Any], tensors: dict[str
                         shards: int = 1) -> None:
     """Write config.json and safetensors (sharded with ``model.safetensors.index.json`` when ``shards > 1``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    write_json(out_dir / "config.json", config)
     names = list(tensors)
     if shards <= 1:
         save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
@@ -57,8 +56,7 @@ def write_hf_checkpoint(out_dir: Path, config: dict[str, Any], tensors: dict[str
         save_file({n: tensors[n] for n in part}, str(out_dir / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, fname))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def random_tensors(config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
@@ -77,22 +75,36 @@ def random_tensors(config: dict[str, Any], seed: int = 0, dtype: torch.dtype = t
 
 def write_synthetic(out_dir: str | Path, preset: str = "all-variants", seed: int = 0, shards: int = 3,
                     dtype: torch.dtype = torch.bfloat16, tie_word_embeddings: bool = False,
-                    **overrides: Any) -> Path:
-    """Write a synthetic HF DeciLM checkpoint (random weights, sharded with an index)."""
+                    overwrite: bool = False, **overrides: Any) -> Path:
+    """Write a synthetic HF DeciLM checkpoint (random weights, sharded with an index), atomically: an existing
+    ``out_dir`` is replaced only with ``overwrite``."""
     settings = dict(SYNTHETIC[preset])
     settings.update(overrides)
     cfg = hf_config(settings.pop("pattern"), rope_scaling=_ROPE, torch_dtype=str(dtype).replace("torch.", ""),
                     tie_word_embeddings=tie_word_embeddings, **settings)
     out = Path(out_dir)
-    write_hf_checkpoint(out, cfg, random_tensors(cfg, seed, dtype), shards)
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_hf_checkpoint(tmp, cfg, random_tensors(cfg, seed, dtype), shards)
     return out
 
 
-def write_config_only(name: str, out_dir: str | Path) -> Path:
-    """Write the full-size ``config.json`` of a released model (no weights) for ``plan`` and ``inspect``."""
+def write_config_only(name: str, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write the full-size ``config.json`` of a released model (no weights) for ``plan`` and ``inspect``,
+    atomically: an existing ``out_dir`` is replaced only with ``overwrite``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(released_config(name), indent=2))
+    config = released_config(name)
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_json(tmp / "config.json", config)
+    return out
+
+
+def copy_model_dir(src: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Copy the regular files of the model directory ``src`` into ``out_dir`` atomically."""
+    src, out = Path(src), Path(out_dir)
+    with atomic_output_dir(out, overwrite, inputs=(src,)) as tmp:
+        for f in sorted(src.iterdir()):
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
     return out
 
 

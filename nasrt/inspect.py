@@ -73,7 +73,7 @@ def inspect_spec(spec: ModelSpec, path: str = "", source: str = "hf", cfg: dict[
     cfg = cfg or {}
     mapping = cfg.get("mapping") or {}
     quant = cfg.get("quantization") or {}
-    tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
+    tp, pp = int(mapping.get("tp_size") or 1), int(mapping.get("pp_size") or 1)
     rows = tuple(LayerRow(i, la.attention.kind.value, la.attention.num_kv_heads, la.ffn.kind.value,
                           la.ffn.intermediate_size, spec.layer_params(i)) for i, la in enumerate(spec.layers))
     att = Counter(la.attention.kind for la in spec.layers)

@@ -36,13 +36,15 @@ class Mapping:
         return rank // self.tp_size
 
     def to_dict(self) -> dict[str, Any]:
+        """The checkpoint ``mapping`` in the minimal form TensorRT-LLM 1.2's ``Mapping(**d)`` accepts (it has no
+        ``**kwargs``: no ``auto_parallel``; the attention / MoE sizes are derived from tp, which is what
+        ``attn_tp_size * attn_cp_size == tp_size * cp_size`` needs)."""
         return {"world_size": self.world_size, "gpus_per_node": 8, "cp_size": 1, "tp_size": self.tp_size,
-                "pp_size": self.pp_size, "moe_tp_size": self.tp_size, "moe_cluster_size": 1, "moe_ep_size": 1,
-                "attn_tp_size": 1, "attn_cp_size": 1, "auto_parallel": False}
+                "pp_size": self.pp_size}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Mapping:
-        return cls(int(d.get("tp_size", 1)), int(d.get("pp_size", 1)))
+        return cls(int(d.get("tp_size") or 1), int(d.get("pp_size") or 1))
 
 
 def pp_layers(num_layers: int, pp_size: int, pp_rank: int) -> list[int]:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -52,23 +53,65 @@ class FileRange:
     nbytes: int
 
 
+#: safetensors dtypes that are weights; integer / bool tensors are refused by name (never cast to a float).
+FLOAT_ST_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3")
+
+
+def check_weight_map(index: Path, data: dict[str, Any]) -> dict[str, str]:
+    """The ``weight_map`` of a parsed ``model.safetensors.index.json``: an object of tensor name -> shard file
+    name, each a plain relative path inside the directory (no absolute paths, no ``..``)."""
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: 'weight_map' must be a JSON object of tensor name -> file name, "
+                              f"got {type(weight_map).__name__}")
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str) or not fname:
+            raise CheckpointError(f"{index}: weight_map[{name!r}] = {fname!r} must be a file name (a string)")
+        if Path(fname).is_absolute() or ".." in Path(fname).parts or "\\" in fname or "\x00" in fname:
+            raise CheckpointError(f"{index}: weight_map[{name!r}] = {fname!r} points outside the model directory "
+                                  "(absolute paths and '..' are refused)")
+    return weight_map
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_weight_file(path: Path, model_dir: Path, allow_external: bool = False) -> None:
+    """A weight file is read only if it is a regular file (a FIFO or device would block or never end) that
+    resolves inside ``model_dir``. Symlinks out of the directory are refused unless ``allow_external``, except
+    into a Hugging Face cache's ``blobs`` folder (``snapshots/<rev>/x -> ../../blobs/<hash>``)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file; only regular files are read as weights")
+    if allow_external:
+        return
+    root, real = model_dir.resolve(), path.resolve()
+    hf_blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    if not _inside(real, root) and not (hf_blobs is not None and _inside(real, hf_blobs)):
+        raise CheckpointError(f"{path}: resolves to {real}, outside the model directory {root} "
+                              "(pass --allow_external_files to read it)")
+
+
 class SafetensorsReader:
     """Lazy, validated access to the tensors of one directory (single file or index + shards)."""
 
-    def __init__(self, model_dir: str | Path, pattern: str | None = None):
+    def __init__(self, model_dir: str | Path, pattern: str | None = None, allow_external: bool = False):
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir}: model directory not found")
+        self.allow_external = allow_external
         self._file_of: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
         self._fds: dict[Path, int] = {}
         self._layouts: dict[Path, dict[str, tuple[str, list[int], int]]] = {}
         index = self.dir / "model.safetensors.index.json"
         if pattern is None and index.exists():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index}: no 'weight_map'")
-            missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
+            weight_map = check_weight_map(index, read_json(index))
+            missing = sorted({f for f in weight_map.values() if not (self.dir / f).exists()})
             if missing:
                 raise CheckpointError(f"{index}: shard file(s) named in the index are missing: {missing}")
             for name, fname in weight_map.items():
@@ -93,6 +136,7 @@ class SafetensorsReader:
     def _open(self, path: Path):
         handle = self._handles.get(path)
         if handle is None:
+            check_weight_file(path, self.dir, self.allow_external)
             try:
                 handle = safe_open(str(path), framework="pt", device="cpu")
             except Exception as exc:  # safetensors raises its own SafetensorError / OSError
@@ -113,6 +157,14 @@ class SafetensorsReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
+
+    def check_floating(self, names: Iterable[str]) -> None:
+        """Every tensor of ``names`` has a floating-point dtype (weights; integers are never silently cast)."""
+        for name in names:
+            st = self._slice(name).get_dtype()
+            if st not in FLOAT_ST_DTYPES:
+                raise CheckpointError(f"{self._file_of[name]}: tensor {name!r} has dtype {st}; weights must be "
+                                      f"floating point ({', '.join(FLOAT_ST_DTYPES)})")
 
     def dtype(self, name: str) -> torch.dtype:
         st = self._slice(name).get_dtype()
@@ -243,6 +295,12 @@ class DictReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._get(name).shape)
+
+    def check_floating(self, names: Iterable[str]) -> None:
+        for name in names:
+            if not self._get(name).dtype.is_floating_point:
+                raise CheckpointError(f"tensor {name!r} has dtype {self._get(name).dtype}; weights must be floating "
+                                      "point")
 
     def dtype(self, name: str) -> torch.dtype:
         return self._get(name).dtype

@@ -105,6 +105,14 @@ KV_SCALE = "kv_cache_scaling_factor"
 KV_SCALE_MODULE = "attention"
 #: Linears that stay in the checkpoint dtype unless explicitly asked for (``--quantize_lm_head``).
 UNQUANTIZED_BY_DEFAULT = ("lm_head",)
+#: TensorRT-LLM linears that may run as one GEMM, so they share one FP8 weight and activation scale (the max); the
+#: fused q|k|v rows of ``attention.qkv`` share theirs by construction.
+FP8_FUSED_GROUPS = (("ffn.fc", "ffn.gate"),)
+#: Unified HF FP8 checkpoint (ModelOpt ``export_hf_checkpoint``): scale tensor suffix beside an HF linear's
+#: ``.weight`` -> the TensorRT-LLM scale of the linear it becomes (q/k/v and gate/up groups take the max).
+HF_FP8_SCALES = {"weight_scale": WEIGHT_SCALE, "input_scale": ACT_SCALE}
+#: Unified HF FP8 KV-cache scales of attention layer ``{l}``; TensorRT-LLM's ``kv_cache_scaling_factor`` is their max.
+HF_KV_SCALES = ("model.layers.{l}.self_attn.k_proj.k_scale", "model.layers.{l}.self_attn.v_proj.v_scale")
 
 
 def layer_rules(layer: LayerSpec) -> tuple[TensorRule, ...]:

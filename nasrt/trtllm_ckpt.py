@@ -61,8 +61,9 @@ def _globalize(name: str, layers: list[int]) -> str:
     return f"transformer.layers.{layers[local]}." + name[m.end():]
 
 
-def load_checkpoint(ckpt_dir: str | Path) -> TrtllmCheckpoint:
-    """Load ``config.json`` + every ``rank{N}.safetensors`` and merge them (exact inverse of the sharding)."""
+def load_checkpoint(ckpt_dir: str | Path, allow_external: bool = False) -> TrtllmCheckpoint:
+    """Load ``config.json`` + every ``rank{N}.safetensors`` and merge them (exact inverse of the sharding);
+    ``allow_external``: rank files may be symlinks that resolve outside ``ckpt_dir``."""
     ckpt_dir = Path(ckpt_dir)
     cfg_path = ckpt_dir / "config.json"
     cfg = read_json(cfg_path)
@@ -76,7 +77,7 @@ def load_checkpoint(ckpt_dir: str | Path) -> TrtllmCheckpoint:
         path = ckpt_dir / f"rank{rank}.safetensors"
         if not path.is_file():
             raise CheckpointError(f"{path}: rank file missing (mapping says world_size {mapping.world_size})")
-        reader = SafetensorsReader(ckpt_dir, pattern=path.name)
+        reader = SafetensorsReader(ckpt_dir, pattern=path.name, allow_external=allow_external)
         layers = pp_layers(spec.num_layers, mapping.pp_size, mapping.pp_rank(rank))
         readers[rank] = {_globalize(_canonical(n), layers): reader.get(n) for n in reader.names()}
 

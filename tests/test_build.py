@@ -321,7 +321,7 @@ def test_build_without_trtllm_stops_and_writes_nothing(ckpts, tmp_path, capsys, 
 def test_wrong_trtllm_version_is_refused(monkeypatch):
     monkeypatch.setattr(nasrt.deploy.engine, "trtllm_version", lambda: "1.3.0rc23")
     monkeypatch.setattr(nasrt.deploy.engine.shutil, "which", lambda name, *a: "/usr/bin/" + name)
-    with pytest.raises(MissingDependencyError, match="found 1.3.0rc23"):
+    with pytest.raises(MissingDependencyError, match="1.3.0rc23 has no engine path.*nasrt serve-config"):
         nasrt.deploy.engine.require_trtllm("nasrt build", "1 x h100-80gb", need_cli=True)
 
 
@@ -349,3 +349,113 @@ def test_real_build_records_profile_and_version(ckpts, tmp_path):
     assert record["tensorrt_llm_version"].startswith("1.2")
     built = json.loads((out / "config.json").read_text())["build_config"]
     assert built["max_seq_len"] == 256 and built["max_batch_size"] == 2
+
+
+# ---- issue 8: nasrt check first, output dir rules, trtllm-build's cwd, combinations, version fence ------------
+
+def test_dry_run_with_mapping_defect_fails_before_printing_a_command(ckpts, tmp_path, capsys):
+    bad = tmp_path / "ckpt"
+    shutil.copytree(ckpts["bf16-tp2"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["mapping"].update(auto_parallel=False, attn_tp_size=1, attn_cp_size=1)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    rc = main(["build", "--checkpoint_dir", str(bad), "--profile", "h100x2-bf16", "--output_dir",
+               str(tmp_path / "e"), "--dry-run"])
+    captured = capsys.readouterr()
+    assert rc == 2 and "trtllm-build" not in captured.out and "dry run" not in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nasrt build: error:")
+    assert "mapping.auto_parallel" in err[0] and "mapping.attn_tp_size" in err[0]
+
+
+def test_dry_run_refuses_existing_output_dir(ckpts, tmp_path, capsys):
+    out = tmp_path / "engine"
+    out.mkdir()
+    argv = ["build", "--checkpoint_dir", str(ckpts["fp8"]), "--profile", "h100x1-fp8", "--output_dir", str(out),
+            "--dry-run"]
+    assert main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("inside", [".", "engine", "sub/engine"])
+def test_output_dir_in_checkpoint_dir_is_refused(ckpts, tmp_path, inside):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ckpts["fp8"], ckpt)
+    with pytest.raises(ConfigError, match=r"--output_dir .* (is the|is inside the) --checkpoint_dir"):
+        build_mod.build_engine(ckpt, "h100x1-fp8", ckpt / inside, dry_run=True, overwrite=True)
+    with pytest.raises(ConfigError, match=r"--checkpoint_dir .* is inside --output_dir"):
+        build_mod.build_engine(ckpt, "h100x1-fp8", tmp_path, dry_run=True, overwrite=True)
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"multiple_profiles": "enable", "opt_num_tokens": 1024}, r"'opt_num_tokens' is ignored .*multiple_profiles"),
+    ({"gather_generation_logits": True}, r"'gather_generation_logits' = True: deprecated"),
+    ({"reduce_fusion": "enable"}, r"'reduce_fusion' = 'enable': .*always off for DeciLM"),
+    ({"quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None}, "plugins": "fp8", "tp_size": 1},
+     r"use_fp8_context_fmha with use_paged_context_fmha needs an FP8 KV cache"),
+])
+def test_profile_combinations_trtllm_build_refuses(tmp_path, changes, match):
+    path = write_profile(tmp_path, "combo", **changes)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_profile(path)
+    assert str(path) in str(info.value)
+
+
+def test_build_with_standin_trtllm_build_leaves_nothing_outside(ckpts, tmp_path, monkeypatch):
+    """trtllm-build runs inside the temporary output dir: its model.cache lands in the engine dir, not the cwd."""
+    from standins import write_trtllm_build, write_trtllm_package
+
+    from nasrt.deploy.check import check_dir
+
+    monkeypatch.syspath_prepend(str(write_trtllm_package(tmp_path / "site", "1.2.1")))
+    write_trtllm_build(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{__import__('os').environ['PATH']}")
+    monkeypatch.setattr(build_mod, "check_gpus", lambda profile: None)  # the one thing a CPU cannot stand in for
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = {p for p in tmp_path.rglob("*")}
+    out = tmp_path / "engines" / "e"
+    res = build_mod.build_engine(ckpts["fp8"], "h100x1-fp8", out)
+    assert res.built and res.record["tensorrt_llm_version"] == "1.2.1"
+    new = {p for p in tmp_path.rglob("*")} - before
+    outside = sorted(str(p) for p in new if p != out.parent and out not in p.parents and p != out)
+    assert outside == [] and list(work.iterdir()) == []
+    assert (out / "model.cache").is_file() and (out / "rank0.engine").is_file()
+    record = json.loads((out / "standin_record.json").read_text())
+    cwd = Path(record["cwd"])
+    assert cwd.parent == out.parent and cwd != out and not cwd.exists()  # the temporary sibling, renamed to out
+    assert record["argv"][1:] == trtllm_build_argv(load_profile("h100x1-fp8"), ckpts["fp8"], cwd)[1:]
+    assert check_dir(out).ok
+
+
+def test_version_fence_with_standin_trtllm_140(ckpts, tmp_path, monkeypatch, capsys):
+    from standins import write_trtllm_package
+
+    monkeypatch.syspath_prepend(str(write_trtllm_package(tmp_path / "site", "1.4.0")))
+    assert nasrt.deploy.engine.trtllm_version() == "1.4.0"
+    out = tmp_path / "e"
+    rc = main(["build", "--checkpoint_dir", str(ckpts["fp8"]), "--profile", "h100x1-fp8", "--output_dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("nasrt build: error:")
+    assert "1.4.0 has no engine path" in err[0] and "trtllm-serve" in err[0] and "nasrt serve-config" in err[0]
+    assert not out.exists()
+
+
+def test_version_read_without_metadata_or_import(tmp_path, monkeypatch):
+    """Without dist-info the version comes from the package's ``__version__`` line, read as text."""
+    from standins import write_trtllm_package
+
+    root = write_trtllm_package(tmp_path / "site", "1.3.0rc23")
+    shutil.rmtree(root / "tensorrt_llm-1.3.0rc23.dist-info")
+    monkeypatch.syspath_prepend(str(root))
+    assert nasrt.deploy.engine.trtllm_version() == "1.3.0rc23"
+    with pytest.raises(MissingDependencyError, match="1.3.0rc23 has no engine path"):
+        nasrt.deploy.engine.check_engine_path("nasrt build")
+
+
+@pytest.mark.parametrize("version,ok", [("1.2.0rc8", True), ("1.2.1", True), ("1.3.0rc20", True),
+                                        ("1.3.0rc21", False), ("1.3.0", False), ("1.4.0", False), ("2.0.0", False)])
+def test_engine_path_releases(version, ok):
+    assert nasrt.deploy.engine.has_engine_path(version) is ok

@@ -217,3 +217,21 @@ def test_real_engine_answers_paris(smollm2, tmp_path_factory, capsys, session):
     rc = main(["run", "--engine_dir", str(eng), "--tokenizer_dir", str(smollm2), "--input_text", PROMPT, "--chat",
                "--max_output_len", "20", *session])
     assert rc == 0 and "Paris" in capsys.readouterr().out
+
+
+def test_run_py_with_standin_trtllm_140_stops_with_the_version_message(smollm2, tmp_path):
+    """``run.py --engine_dir`` under a TensorRT-LLM release without the engine path: exit 2, one line, no traceback."""
+    import os
+    import subprocess
+
+    from standins import write_trtllm_package
+
+    site = write_trtllm_package(tmp_path / "site", "1.4.0")
+    eng = engine_layout(tmp_path / "engine", smollm2)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(runner_mod.REPO_RUN_PY), "--engine_dir", str(eng), "--tokenizer_dir",
+                           str(smollm2), "--input_text", PROMPT], capture_output=True, text=True, env=env, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and err[-1].startswith("nasrt run: error:")
+    assert "1.4.0 has no engine path" in err[-1] and "trtllm-serve" in err[-1]

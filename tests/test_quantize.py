@@ -25,14 +25,16 @@ from nasrt.quantize.calibrate import QuantSettings
 from nasrt.quantize.pipeline import calibration_batches
 from nasrt.quantize.tiny_tokenizer import write_tiny_tokenizer
 from nasrt.st_io import SafetensorsReader
-from nasrt.tensor_map import ACT_SCALE, KV_SCALE, WEIGHT_SCALE, layer_rules, lm_head_rule
+from nasrt.tensor_map import ACT_SCALE, FP8_FUSED_GROUPS, KV_SCALE, WEIGHT_SCALE, layer_rules, lm_head_rule
 from nasrt.textdata import eval_text
 from nasrt.trtllm_ckpt import load_checkpoint
 
+# recipe "max" = ModelOpt's default arithmetic, which these tests compare against (the searched recipes:
+# tests/test_fp8_quality.py); the held-out evaluation is tested there too.
 SMOL_OPTS = QuantizeOptions(dtype="bfloat16", kv_cache_dtype="fp8", calib_size=8, calib_max_seq_length=64,
-                            batch_size=4)
+                            batch_size=4, recipe="max", skip_eval=True)
 SYN_OPTS = QuantizeOptions(dtype="bfloat16", kv_cache_dtype="fp8", calib_size=6, calib_max_seq_length=48,
-                           batch_size=2)
+                           batch_size=2, recipe="max", skip_eval=True)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -146,8 +148,9 @@ def test_fp8_checkpoint_perplexity_matches_modelopt_fake_quant(smol_ppl):
     assert abs(smol_ppl["fp8"] / smol_ppl["modelopt"] - 1) <= 0.03, smol_ppl
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4 target not met: FP8 W+A+KV costs ~6% here (ModelOpt's own "
-                   "fake-quant model: ~5.7%; weights alone ~3%) on this Q4_1-derived SmolLM2 fixture")
+@pytest.mark.xfail(strict=True, reason="ModelOpt's default recipe ('max', measured here) misses the 3% target: "
+                   "FP8 W+A+KV costs ~5-6% on this Q4_1-derived SmolLM2 fixture (ModelOpt's own fake-quant model "
+                   "too); nasrt's default recipe: bench/fp8_quality.py")
 def test_fp8_perplexity_within_3_percent_of_bf16(smol_ppl):
     assert smol_ppl["fp8"] <= 1.03 * smol_ppl["bf16"], smol_ppl
 
@@ -234,7 +237,7 @@ def test_whole_model_flag_gives_the_same_checkpoint(syn, syn_fp8, tmp_path):
     out = tmp_path / "whole"
     assert main(["quantize", "--model_dir", str(syn), "--output_dir", str(out), "--dtype", "bfloat16",
                  "--kv_cache_dtype", "fp8", "--calib_size", "6", "--calib_max_seq_length", "48",
-                 "--batch_size", "2", "--whole_model"]) == 0
+                 "--batch_size", "2", "--whole_model", "--recipe", "max", "--skip_eval"]) == 0
     a, b = load_checkpoint(out).tensors, load_checkpoint(syn_fp8[1]).tensors
     assert set(a) == set(b) and all(torch.equal(_bits(a[n]), _bits(b[n])) for n in a)
 
@@ -288,7 +291,11 @@ def test_hf_export_names_and_dtypes(syn, tmp_path):
                     assert t[name].dtype == FP8_DTYPE and ws.dtype == ins.dtype == torch.float32
                     assert ws.shape == ins.shape == ()
                     orig = src.get(name)
-                    assert abs(float(ws) - float(orig.float().abs().max()) / FP8_MAX) <= 1e-6 * float(ws)
+                    # one weight scale per fused group (q/k/v, gate/up): the max, as TensorRT-LLM's loaders fuse
+                    group = next((g for g in FP8_FUSED_GROUPS if rule.linear in g), (rule.linear,))
+                    members = [n for r in layer_rules(layer) if r.linear in group for n in r.hf_names(i)]
+                    want = max(float(src.get(n).float().abs().max()) for n in members) / FP8_MAX
+                    assert abs(float(ws) - want) <= 1e-6 * float(ws)
                     assert _within_fp8_rounding(dequantize(t[name], ws), orig, ws), name
                 else:
                     assert t[name].dtype == torch.bfloat16, name
@@ -375,7 +382,7 @@ def test_calibration_parquet(tmp_path):
 
 def _cli(syn: Path, out: Path, *extra: str) -> int:
     return main(["quantize", "--model_dir", str(syn), "--output_dir", str(out), "--calib_size", "4",
-                 "--calib_max_seq_length", "32", *extra])
+                 "--calib_max_seq_length", "32", "--skip_eval", *extra])
 
 
 def test_calibration_file_missing(syn, tmp_path, capsys):

@@ -259,6 +259,99 @@ def test_cli_prints_launch_and_reports_errors(repos, smollm2, tmp_path, capsys):
     assert rc == 2 and "--reference" in capsys.readouterr().err
 
 
+# ---- issue 8: what the C++ tensorrtllm backend reads unconditionally, and `nasrt check` of repositories ---------
+#: Parameters ``triton_backend/inflight_batcher_llm/src/model_instance_state.cc`` (TensorRT-LLM 1.x) reads with
+#: ``GetParameter`` outside a try (a missing one: "Cannot find parameter with name: ..."), plus ``gpt_model_path``
+#: (read in a try, but a decoder-only model without it fails: "Both encoder and decoder model paths are empty").
+UNCONDITIONAL = {"gpt_model_type", "tokenizer_dir", "xgrammar_tokenizer_info_path", "guided_decoding_backend",
+                 "gpt_model_path"}
+
+
+def test_engine_model_carries_every_unconditional_parameter(repos, smollm2):
+    from nasrt.deploy.check import trtllm_schema
+
+    assert set(trtllm_schema.TRITON_REQUIRED) == UNCONDITIONAL
+    llm = parse(repos["engine"] / "tensorrt_llm" / "config.pbtxt")  # Triton's own ModelConfig protobuf
+    params = {k: v.string_value for k, v in llm.parameters.items()}
+    missing = UNCONDITIONAL - set(params)
+    assert not missing, f"the backend would fail to load: Cannot find parameter with name: {sorted(missing)}"
+    assert all("${" not in v for v in params.values())
+    assert params["tokenizer_dir"] == str(smollm2.resolve())
+    assert params["guided_decoding_backend"] == "" and params["xgrammar_tokenizer_info_path"] == ""
+    assert "worker_path" not in params
+
+
+@pytest.mark.parametrize("variant", ["engine", "reference"])
+def test_generated_repositories_pass_nasrt_check(repos, variant, capsys):
+    assert cli.main(["check", str(repos[variant])]) == 0
+    assert "triton OK" in capsys.readouterr().out
+    assert cli.main(["check", str(repos["engine_dir"])]) == 0
+
+
+def _planted_repo(repos, tmp_path, edit) -> Path:
+    repo = tmp_path / "repo"
+    shutil.copytree(repos["engine"], repo)
+    path = repo / "tensorrt_llm" / "config.pbtxt"
+    path.write_text(edit(path.read_text()))
+    return repo
+
+
+def test_check_catches_unfilled_placeholder(repos, tmp_path, capsys):
+    repo = _planted_repo(repos, tmp_path, lambda t: t.replace('string_value: "0.9"',
+                                                              'string_value: "${kv_cache_free_gpu_mem_fraction}"'))
+    assert cli.main(["check", str(repo)]) == 2
+    out = capsys.readouterr().out
+    assert "parameters.kv_cache_free_gpu_mem_fraction: unfilled placeholder ${kv_cache_free_gpu_mem_fraction}" in out
+
+
+def test_check_catches_missing_tokenizer_dir(repos, tmp_path, capsys):
+    def drop(text: str) -> str:
+        blocks = text.split("parameters {")
+        kept = [b for b in blocks[1:] if 'key: "tokenizer_dir"' not in b]
+        assert len(kept) == len(blocks) - 2
+        return "parameters {".join([blocks[0], *kept])
+
+    repo = _planted_repo(repos, tmp_path, drop)
+    parse(repo / "tensorrt_llm" / "config.pbtxt")  # still a valid ModelConfig: only the backend fails
+    assert cli.main(["check", str(repo)]) == 2
+    out = capsys.readouterr().out
+    assert "tensorrt_llm/config.pbtxt: parameters.tokenizer_dir: missing" in out
+    assert "Cannot find parameter with name: tokenizer_dir" in out
+
+
+def test_check_catches_wiring_and_batch_limits(repos, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    shutil.copytree(repos["engine"], repo)
+    ens = repo / "ensemble" / "config.pbtxt"
+    ens.write_text(ens.read_text().replace('key: "input_lengths"', 'key: "input_length"'))
+    llm = repo / "tensorrt_llm" / "config.pbtxt"
+    llm.write_text(llm.read_text().replace(f"max_batch_size: {BUILD['max_batch_size']}", "max_batch_size: 64"))
+    assert cli.main(["check", str(repo), "--json"]) == 2
+    found = {(Path(p["where"]).parent.name, p["what"]) for p in json.loads(capsys.readouterr().out)["problems"]}
+    assert ("ensemble", "ensemble_scheduling.step[1] (tensorrt_llm).input_map.input_length") in found
+    assert ("ensemble", "ensemble_scheduling.step[1] (tensorrt_llm).input_map") in found  # input_lengths unmapped
+    assert ("tensorrt_llm", "max_batch_size") in found  # 64 > the engine's 16
+
+
+def test_check_catches_an_empty_engine_file(repos, tmp_path, capsys):
+    eng = tmp_path / "eng"
+    shutil.copytree(repos["engine_dir"], eng)
+    (eng / "rank1.engine").write_bytes(b"")
+    assert cli.main(["check", str(eng)]) == 2
+    assert "rank1.engine: empty engine file" in capsys.readouterr().out
+
+
+def test_launch_script_command_is_absolute(tmp_path, monkeypatch):
+    from nasrt.deploy.triton.launch import launch_script_command
+
+    monkeypatch.delenv("TRITON_TRTLLM_LAUNCH_SCRIPT", raising=False)
+    argv = launch_script_command(Path("repo"), 2)
+    assert argv[1] == "/app/scripts/launch_triton_server.py" and Path(argv[1]).is_absolute()
+    assert Path(argv[3].split("=", 1)[1]).is_absolute() and argv[2] == "--world_size=2"
+    monkeypatch.setenv("TRITON_TRTLLM_LAUNCH_SCRIPT", "scripts/launch_triton_server.py")
+    assert launch_script_command(tmp_path, 1)[1] == str(Path("scripts/launch_triton_server.py").resolve())
+
+
 # ---- launch command -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_launch_command_has_one_process_per_rank(world, tmp_path):

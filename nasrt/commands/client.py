@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nasrt.deploy.triton.client import generate
+from nasrt.deploy.triton.client import check_endpoint, generate
 
 HELP = "query a Triton model repository (POST /v2/models/ensemble/generate[_stream]) and print text_output"
 
@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_endpoint(args.url, args.timeout)
     params = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
               "end_id": args.end_id, "stop_words": args.stop_words}
 

@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding_sharding_dim", type=int, default=0, choices=[0, 1])
     p.add_argument("--workers", type=int, default=1, help="convert this many ranks in parallel")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir atomically")
+    p.add_argument("--allow_external_files", action="store_true",
+                   help="read weight files whose symlinks resolve outside --model_dir (refused by default)")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="accepted for TensorRT-LLM compatibility; nasrt never runs remote code")
 
@@ -26,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     opts = ConvertOptions(args.dtype, args.tp_size, args.pp_size, args.use_parallel_embedding,
                           args.embedding_sharding_dim)
-    out = convert_checkpoint(args.model_dir, args.output_dir, opts, workers=args.workers, overwrite=args.overwrite)
+    out = convert_checkpoint(args.model_dir, args.output_dir, opts, workers=args.workers, overwrite=args.overwrite,
+                             allow_external=args.allow_external_files)
     print(f"wrote TensorRT-LLM checkpoint {out}")
     return 0

@@ -33,15 +33,17 @@ def _step(title: str, argv: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nasrt.atomic import check_not_input, write_text_atomic
     from nasrt.fixtures import smollm2_dir
     from nasrt.textdata import eval_text
 
     hf = smollm2_dir()
     out = Path(args.output_dir)
+    check_not_input(out, (hf,))
     out.mkdir(parents=True, exist_ok=True)
     bf16, fp8 = out / "smollm2-bf16", out / "smollm2-fp8"
-    text = out / "eval.txt"
-    text.write_text(eval_text(args.eval_chars))
+    text = write_text_atomic(out / "eval.txt", eval_text(args.eval_chars), overwrite=True, inputs=(hf,),
+                             flag="--output_dir")
     # bf16 arithmetic is slow on most CPUs: the reference runtime computes in float32 on the BF16 / FP8 weights.
     chat = ["--tokenizer_dir", str(hf), "--input_text", args.prompt, "--chat", "--max_output_len", "32",
             "--dtype", "float32"]
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
            "--output_dir", str(out / "triton-repo"), "--overwrite"])
     cfg51 = out / "nemotron-51b-config"
     _step("Nemotron-51B full-size config (no weights) for the planner",
-          ["fixtures", "nemotron-51b", "--output_dir", str(cfg51)])
+          ["fixtures", "nemotron-51b", "--output_dir", str(cfg51), "--overwrite"])
     _step("memory plan: Nemotron-51B FP8 on one H100-80GB",
           ["plan", "--model", str(cfg51), "--gpu", "h100-80gb", "--tp", "1", "--dtype", "fp8",
            "--kv_cache_dtype", "fp8", "--batch", "8", "--seq", "8192"])

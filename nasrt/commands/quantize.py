@@ -6,6 +6,8 @@ import argparse
 
 from nasrt.quantize.export import KV_SCALE_MODES
 from nasrt.quantize.pipeline import EXPORT_FORMATS, QuantizeOptions
+from nasrt.quantize.recipes import DEFAULT_RECIPE, RECIPES
+from nasrt.quantize.report import RECORD_NAME, summary
 
 HELP = "FP8-quantize an HF DeciLM / Llama checkpoint with ModelOpt (layer-wise calibration) for TensorRT-LLM"
 
@@ -36,6 +38,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep calibration activations on disk when they exceed this size")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir atomically")
+    p.add_argument("--allow_external_files", action="store_true",
+                   help="read weight files whose symlinks resolve outside --model_dir (refused by default)")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
+                   help="how FP8 scales are chosen: " + "; ".join(f"{r.name}: {r.description}"
+                                                                  for r in RECIPES.values())
+                   + f" (default {DEFAULT_RECIPE}: the best measured on SmolLM2)")
+    p.add_argument("--bf16_budget", type=float, default=0.0,
+                   help="keep the most FP8-sensitive linears, up to this fraction of all linear parameters, in "
+                        "BF16 (exclude_modules of both exports); measures per-linear sensitivity")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="measure the per-linear FP8 sensitivity table even with --bf16_budget 0")
+    p.add_argument("--sensitivity_samples", type=int, default=4,
+                   help="calibration samples the sensitivity is measured on")
+    p.add_argument("--skip_eval", action="store_true",
+                   help="skip the BF16 vs FP8 perplexity on held-out text (needs the model in memory)")
+    p.add_argument("--eval_text", default=None,
+                   help="held-out text file for the perplexity (default: the offline held-out slice); "
+                        "refused if it overlaps the calibration data")
+    p.add_argument("--eval_chars", type=int, default=12000, help="characters of held-out text to score")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="accepted for TensorRT-LLM compatibility; nasrt never runs remote code")
 
@@ -49,9 +70,16 @@ def run(args: argparse.Namespace) -> int:
                            tp_size=args.tp_size, pp_size=args.pp_size, quantize_lm_head=args.quantize_lm_head,
                            whole_model=args.whole_model, export_format=args.export_format,
                            kv_cache_scales=args.kv_cache_scales, tokenizer_dir=args.tokenizer_dir,
-                           device=args.device, max_activation_memory_gb=args.max_activation_memory_gb)
+                           device=args.device, max_activation_memory_gb=args.max_activation_memory_gb,
+                           allow_external_files=args.allow_external_files, recipe=args.recipe,
+                           bf16_budget=args.bf16_budget, sensitivity=args.sensitivity,
+                           sensitivity_samples=args.sensitivity_samples, skip_eval=args.skip_eval,
+                           eval_text=args.eval_text, eval_chars=args.eval_chars)
     res = quantize_checkpoint(args.model_dir, args.output_dir, opts, overwrite=args.overwrite)
     kind = "unified HF FP8" if args.export_format == "hf" else "TensorRT-LLM FP8"
     print(f"wrote {kind} checkpoint {res.output_dir} ({res.calib_samples} calibration samples, "
           f"calibration {res.calib_seconds:.1f} s)")
+    if res.record is not None:
+        print(summary(res.record))
+        print(f"quality record: {res.output_dir / RECORD_NAME}")
     return 0

@@ -15,6 +15,8 @@ HELP = "generate text from a nasrt checkpoint (PyTorch reference runtime) or a T
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model (exactly one)")
     src.add_argument("--checkpoint_dir", help="TensorRT-LLM checkpoint written by nasrt: run it with PyTorch")
+    src.add_argument("--model_dir", help="HF DeciLM / Llama dir or ModelOpt unified FP8 checkpoint (what TensorRT-LLM's "
+                     "PyTorch backend loads): run it with the reference runtime")
     src.add_argument("--engine_dir", help="TensorRT-LLM engine directory: run it with the TensorRT-LLM runtime")
     p.add_argument("--tokenizer_dir", help="HF tokenizer directory (default: the checkpoint dir if it has one)")
     p.add_argument("--input_text", nargs="+", help="one or more prompts")
@@ -28,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pad_id", type=int, default=None)
     p.add_argument("--stop_words", nargs="+", default=None, help="strings that end generation (not printed)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt with the tokenizer's chat template")
+    p.add_argument("--allow_external_files", action="store_true",
+                   help="read rank files whose symlinks resolve outside --checkpoint_dir (refused by default)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype of the reference runtime (default: the checkpoint's)")
@@ -48,16 +52,40 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.input_file)
         if not path.is_file():
             raise ConfigError(f"--input_file {path}: file not found")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"--input_file {path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        prompts += [line for line in lines if line.strip()]
     if not prompts:
+        if args.input_file:
+            raise ConfigError(f"--input_file {args.input_file} holds no prompt (it is empty or has only blank lines)")
         raise ConfigError("give --input_text and/or --input_file")
     return prompts
 
 
+def sampling_flags(args: argparse.Namespace):
+    """The sampling flags as a validated ``SamplingConfig`` (stop words as text): refused by flag name before
+    any tokenizer or model is loaded."""
+    from nasrt.runtime import SamplingConfig
+
+    cfg = SamplingConfig(max_new_tokens=args.max_output_len, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, end_id=args.end_id, pad_id=args.pad_id,
+                         stop_strings=list(args.stop_words) if args.stop_words else None)
+    cfg.validate()
+    return cfg
+
+
+def _which(given: list[str]) -> str:
+    return "neither" if not given else f"both ({' and '.join(given)})" if len(given) == 2 else ", ".join(given)
+
+
 def run(args: argparse.Namespace) -> int:
-    if bool(args.checkpoint_dir) == bool(args.engine_dir):
-        raise ConfigError("give exactly one of --checkpoint_dir (reference runtime) and --engine_dir "
-                          f"(TensorRT-LLM runtime); got {'both' if args.checkpoint_dir else 'neither'}")
+    sampling_flags(args)
+    given = [f for f in ("--checkpoint_dir", "--model_dir", "--engine_dir") if getattr(args, f[2:])]
+    if len(given) != 1:
+        raise ConfigError("give exactly one of --checkpoint_dir / --model_dir (reference runtime) and --engine_dir "
+                          f"(TensorRT-LLM runtime); got {_which(given)}")
     if args.engine_dir:
         try:
             from nasrt.deploy.engine.runner import run_engine
@@ -70,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_checkpoint(args: argparse.Namespace) -> int:
-    from nasrt.runtime import SamplingConfig, generate, load_model
+    from nasrt.runtime import generate, load_model
     from nasrt.runtime.text import (
         check_prompts,
         check_vocab,
@@ -82,19 +110,18 @@ def run_checkpoint(args: argparse.Namespace) -> int:
 
     if args.num_beams != 1:
         raise ConfigError(f"--num_beams {args.num_beams}: the reference runtime does greedy/sampling only (1)")
+    cfg = sampling_flags(args)
     prompts = read_prompts(args)
-    tok_dir = args.tokenizer_dir or args.checkpoint_dir
+    src_flag, src_dir = ("--model_dir", args.model_dir) if args.model_dir else ("--checkpoint_dir", args.checkpoint_dir)
+    tok_dir = args.tokenizer_dir or src_dir
     if not args.tokenizer_dir and not has_tokenizer(tok_dir):
-        raise ConfigError(f"--checkpoint_dir {tok_dir} has no tokenizer files; pass --tokenizer_dir <HF model dir>")
+        raise ConfigError(f"{src_flag} {tok_dir} has no tokenizer files; pass --tokenizer_dir <HF model dir>")
     tokenizer = load_tokenizer(tok_dir)
-    model = load_model(args.checkpoint_dir, device=args.device, dtype=args.dtype)
+    model = load_model(src_dir, device=args.device, dtype=args.dtype,
+                       allow_external=args.allow_external_files)
     check_vocab(tokenizer, model.spec)
     batch = encode_prompts(tokenizer, prompts, chat=args.chat)
     check_prompts(batch, model.spec)
-    stop_words = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in args.stop_words or []]
-    cfg = SamplingConfig(max_new_tokens=args.max_output_len, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed, end_id=args.end_id, pad_id=args.pad_id,
-                         stop_words=stop_words or None)
     stream = args.streaming and len(prompts) == 1
     on_token = None
     if stream:
@@ -111,7 +138,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
                 printed = text
 
-    outputs = generate(model, batch, cfg, on_token=on_token)
+    outputs = generate(model, batch, cfg, on_token=on_token, decode=lambda ids: decode(tokenizer, ids))
     if stream:
         text = decode(tokenizer, outputs[0])
         print(f'{text[len(printed):] if text.startswith(printed) else ""}"', flush=True)

@@ -4,6 +4,7 @@ launch it; ``--serve`` starts the reference variant on a local Triton server."""
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import time
 
@@ -14,6 +15,7 @@ from nasrt.deploy.triton.repository import (
     write_engine_repository,
     write_reference_repository,
 )
+from nasrt.deploy.triton.server import DEFAULT_READY_TIMEOUT_S, check_ports
 from nasrt.errors import ConfigError
 
 HELP = "write a Triton Inference Server model repository (ensemble, pre/post-processing, tensorrt_llm)"
@@ -24,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", action="store_true",
                    help="CPU variant: tensorrt_llm answered by nasrt's reference runtime from --checkpoint_dir")
     p.add_argument("--checkpoint_dir", help="with --reference: nasrt / TensorRT-LLM checkpoint dir")
-    p.add_argument("--tokenizer_dir", required=True, help="HF tokenizer dir (loaded by pre- and postprocessing)")
+    p.add_argument("--tokenizer_dir", help="HF tokenizer dir (loaded by pre- and postprocessing; engine and "
+                   "--reference checkpoint variants; required there)")
     p.add_argument("--output_dir", required=True, help="model repository to write")
     p.add_argument("--max_batch_size", type=int,
                    help="Triton max_batch_size (default: the engine's build-time value; reference: 4)")
@@ -48,7 +51,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve", action="store_true",
                    help="with --reference: start the repository on a local Triton server (nvidia-pytriton) "
                         "on 127.0.0.1 until Ctrl-C")
+    p.add_argument("--serve_timeout", type=float, default=DEFAULT_READY_TIMEOUT_S,
+                   help="with --serve: seconds to wait for the server to be ready (progress is logged meanwhile)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir atomically")
+    pt = p.add_argument_group("--backend pytorch: the llmapi repository (TensorRT-LLM's PyTorch backend)")
+    pt.add_argument("--backend", choices=["engine", "pytorch"], default="engine",
+                    help="engine: ensemble repository for a trtllm-build engine (default); pytorch: the llmapi "
+                         "repository serving --model_dir with the LLM API")
+    pt.add_argument("--model_dir", help="HF DeciLM / Llama dir or ModelOpt unified FP8 checkpoint")
+    pt.add_argument("--llmapi_source", help="TensorRT-LLM checkout (or its llmapi tensorrt_llm/1 dir) whose model.py "
+                    "is linked into the repository (default: found next to an installed tensorrt_llm)")
+    pt.add_argument("--gpu", default="h100-80gb", help="GPU kind the LLM() arguments are planned for")
+    pt.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    pt.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp8"], help="kv_cache_config.dtype")
+    pt.add_argument("--max_num_tokens", type=int, default=8192)
+    pt.add_argument("--force", action="store_true", help="write the repository even if the plan does not fit")
 
 
 def _options(args: argparse.Namespace) -> ServingOptions:
@@ -73,7 +90,7 @@ def _serve(repo, args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     with LocalTritonServer(repo, http_port=args.http_port, grpc_port=args.grpc_port,
-                           metrics_port=args.metrics_port) as server:
+                           metrics_port=args.metrics_port, ready_timeout=args.serve_timeout) as server:
         print(f"Triton is serving {repo} at {server.url} (log {server.log_path}); Ctrl-C stops it")
         print(f"try: nasrt client --url {server.url} --chat --text 'What is the capital of France?'", flush=True)
         try:
@@ -87,6 +104,13 @@ def _serve(repo, args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     ports = {"http_port": args.http_port, "grpc_port": args.grpc_port, "metrics_port": args.metrics_port}
+    check_ports({f"--{k}": v for k, v in ports.items()})  # before anything is written
+    if not (math.isfinite(args.serve_timeout) and args.serve_timeout > 0):
+        raise ConfigError(f"--serve_timeout {args.serve_timeout} must be a number of seconds > 0")
+    if args.backend == "pytorch":
+        return _run_pytorch(args)
+    if not args.tokenizer_dir:
+        raise ConfigError("--tokenizer_dir is required (the pre- and postprocessing models load it)")
     opts = _options(args)
     if args.reference:
         if not args.checkpoint_dir or args.engine_dir:
@@ -116,4 +140,31 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {format_command(launch_command(repo, engine.world_size, **ports))}")
     print(f"  or: {format_command(launch_script_command(repo, engine.world_size))}")
     print(f"query: nasrt client --url http://127.0.0.1:{args.http_port} --text 'What is the capital of France?'")
+    return 0
+
+
+def _run_pytorch(args: argparse.Namespace) -> int:
+    """``--backend pytorch``: the llmapi repository (``--reference``: answered by the reference runtime)."""
+    from nasrt.deploy.pytorch.serve_config import ServeRequest
+    from nasrt.deploy.triton.llmapi import write_llmapi_repository
+
+    if not args.model_dir or args.engine_dir or args.checkpoint_dir:
+        raise ConfigError("--backend pytorch serves --model_dir (an HF or ModelOpt FP8 checkpoint dir), not "
+                          "--engine_dir / --checkpoint_dir")
+    req = ServeRequest(gpu=args.gpu, tp=args.tp, kv_cache_dtype=args.kv_cache_dtype, batch=args.max_batch_size,
+                       seq=args.max_seq_len, max_num_tokens=args.max_num_tokens,
+                       kv_fraction=args.kv_cache_free_gpu_mem_fraction)
+    repo = write_llmapi_repository(args.model_dir, args.output_dir, req, reference=args.reference,
+                                   llmapi_source=args.llmapi_source, decoupled=not args.no_decoupled,
+                                   force=args.force, overwrite=args.overwrite)
+    print(f"wrote llmapi Triton model repository {repo.path}"
+          + (" (reference: answered by nasrt's CPU runtime)" if args.reference else ""))
+    if repo.model_source is not None:
+        print(f"linked TensorRT-LLM's model code from {repo.model_source}")
+    for line in repo.instructions:
+        print(line)
+    if args.serve:
+        if not args.reference:
+            raise ConfigError("--serve runs only --reference repositories (the local Triton has no TensorRT-LLM)")
+        _serve(repo.path, args)
     return 0

@@ -10,6 +10,13 @@ attention layer adds a float32 KV-cache scale. KV bytes per token come from atte
 What is left of the GPU after weights, the activation estimate and the runtime reserve is the free memory; the
 TensorRT-LLM runtime gives ``kv_cache_free_gpu_memory_fraction`` (0.9) of it to the paged KV cache. That fixes the
 maximum number of tokens in the KV cache and the maximum batch at a sequence length.
+
+Two backends (``PlanRequest.backend``): ``engine`` (``trtllm-build`` engine, TensorRT-LLM <= 1.2/1.3.0rc20) and
+``pytorch`` (every current release: the PyTorch backend loading the HF / ModelOpt FP8 checkpoint). The PyTorch
+backend holds the same tensors per rank (its weight mapper duplicates K/V heads when tp > kv, like the converter),
+keeps one KV block pool per distinct KV-head count with no KV for linear / no-op attention layers, sizes its
+activations by a profiling forward of ``max_num_tokens`` tokens, and additionally reserves the memory pool of its
+CUDA graphs (decode steps captured up to ``cuda_graph_config.max_batch_size``, here the planned batch).
 """
 
 from __future__ import annotations
@@ -17,12 +24,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nasrt.arch import ModelSpec, from_hf_config, is_trtllm_config, read_json
+from nasrt.atomic import atomic_output_file, check_output_file
+from nasrt.config_schema import show
 from nasrt.convert import ConvertOptions, plan_rank, resolve_dtype
 from nasrt.errors import ConfigError, NasrtError
 from nasrt.sharding import Mapping, pp_layers
@@ -64,6 +72,12 @@ GPUS: dict[str, Gpu] = {g.name: g for g in (
 RESERVE_CUDA_CONTEXT = 512 * MiB
 RESERVE_RUNTIME = 1024 * MiB
 RESERVE_MULTI_GPU = 512 * MiB
+#: PyTorch backend, stated (not measured): torch's CUDA caching-allocator slack and its runtime buffers (cuBLAS /
+#: cuBLASLt workspaces, sampler, scheduler and decoder state) in place of the engine runtime's RESERVE_RUNTIME, and a
+#: fixed part of the CUDA-graph pool (graph objects, padding buffers) on top of the captured decode activations.
+RESERVE_PYTORCH_RUNTIME = 1536 * MiB
+RESERVE_CUDA_GRAPHS = 256 * MiB
+BACKENDS = ("engine", "pytorch")
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
 WEIGHT_DTYPES = ("bfloat16", "float16", "float32", "fp8")
@@ -87,6 +101,7 @@ class PlanRequest:
     tokens_per_block: int = 32
     use_parallel_embedding: bool = False
     embedding_sharding_dim: int = 0
+    backend: str = "engine"  # "engine" (trtllm-build) or "pytorch" (PyTorch backend, HF / ModelOpt FP8 checkpoint)
 
     @property
     def kv_dtype(self) -> str:
@@ -110,6 +125,7 @@ class RankPlan:
     free_bytes: int
     kv_budget_bytes: int
     max_kv_tokens: int | None  # None: the stage has no attention layer (no KV cache)
+    cuda_graph_bytes: int = 0  # PyTorch backend: the CUDA-graph memory pool
 
 
 @dataclass
@@ -182,7 +198,17 @@ def activation_bytes(spec: ModelSpec, req: PlanRequest, batch: int) -> int:
 
 def reserve_bytes(req: PlanRequest) -> int:
     world = req.tp * req.pp
-    return RESERVE_CUDA_CONTEXT + RESERVE_RUNTIME + (RESERVE_MULTI_GPU if world > 1 else 0)
+    runtime = RESERVE_PYTORCH_RUNTIME if req.backend == "pytorch" else RESERVE_RUNTIME
+    return RESERVE_CUDA_CONTEXT + runtime + (RESERVE_MULTI_GPU if world > 1 else 0)
+
+
+def cuda_graph_bytes(spec: ModelSpec, req: PlanRequest) -> int:
+    """PyTorch backend: the CUDA-graph pool (stated): the activations of the largest captured decode step (``batch``
+    tokens, the :func:`activation_bytes` formula with ``max_num_tokens = batch``) plus :data:`RESERVE_CUDA_GRAPHS`;
+    0 for the engine backend (its CUDA graphs are off by default)."""
+    if req.backend != "pytorch":
+        return 0
+    return RESERVE_CUDA_GRAPHS + activation_bytes(spec, dataclasses.replace(req, max_num_tokens=req.batch), req.batch)
 
 
 def check_request(req: PlanRequest) -> Gpu:
@@ -198,6 +224,8 @@ def check_request(req: PlanRequest) -> Gpu:
             raise ConfigError(f"{flag} {value} must be >= 1")
     if not 0 < req.kv_fraction <= 1:
         raise ConfigError(f"--kv_fraction {req.kv_fraction} must be in (0, 1]")
+    if req.backend not in BACKENDS:
+        raise ConfigError(f"--backend {req.backend!r} must be one of {', '.join(BACKENDS)}")
     gpu = GPUS[req.gpu]
     if "fp8" in (req.dtype, req.kv_dtype) and gpu.sm < (8, 9):
         raise ConfigError(f"--gpu {gpu.name} (sm {gpu.sm[0]}.{gpu.sm[1]}) has no FP8; FP8 needs sm >= 8.9")
@@ -218,10 +246,11 @@ def plan_memory(spec: ModelSpec, req: PlanRequest) -> Plan:
         kv_tok = stage.kv_bytes_per_token(kv_elem, req.tp)
         act = activation_bytes(stage, req, req.batch)
         res = reserve_bytes(req)
-        free = gpu.memory_bytes - wbytes - act - res
+        graphs = cuda_graph_bytes(stage, req)
+        free = gpu.memory_bytes - wbytes - act - res - graphs
         budget = max(0, int(free * req.kv_fraction))
         tokens = int(budget // kv_tok) // req.tokens_per_block * req.tokens_per_block if kv_tok else None
-        ranks.append(RankPlan(rank, layers, params, wbytes, kv_heads, kv_tok, act, res, free, budget, tokens))
+        ranks.append(RankPlan(rank, layers, params, wbytes, kv_heads, kv_tok, act, res, free, budget, tokens, graphs))
 
     token_caps = [r.max_kv_tokens for r in ranks if r.max_kv_tokens is not None]
     max_tokens = min(token_caps) if token_caps else None
@@ -232,8 +261,9 @@ def plan_memory(spec: ModelSpec, req: PlanRequest) -> Plan:
     where = f"{mapping.world_size} x {gpu.name}" if mapping.world_size > 1 else f"one {gpu.name}"
     if worst.free_bytes <= 0:
         fits = False
+        graphs = f" + CUDA graphs {worst.cuda_graph_bytes / GiB:.2f} GiB" if worst.cuda_graph_bytes else ""
         reason = (f"rank {worst.rank}: weights {worst.weight_bytes / GiB:.2f} GiB + activations "
-                  f"{worst.activation_bytes / GiB:.2f} GiB + reserve {worst.reserve_bytes / GiB:.2f} GiB exceed the "
+                  f"{worst.activation_bytes / GiB:.2f} GiB + reserve {worst.reserve_bytes / GiB:.2f} GiB{graphs} exceed the "
                   f"{gpu.memory_bytes / GiB:.2f} GiB of {gpu.name}; use more GPUs (tp/pp) or FP8 weights")
     elif max_tokens is not None and max_tokens < need:
         fits = False
@@ -268,6 +298,8 @@ def request_defaults(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     cfg = read_json(p / "config.json" if p.is_dir() else p)
     build = cfg.get("build_config") or {}
+    if not isinstance(build, dict):
+        raise ConfigError(f"{p}: build_config = {show(build)} must be a JSON object")
     cfg = cfg.get("pretrained_config", cfg)
     if not is_trtllm_config(cfg):  # HF dir: the dtype `nasrt convert --dtype auto` would write
         return {"dtype": resolve_dtype("auto", from_hf_config(cfg, str(p)))}
@@ -277,15 +309,19 @@ def request_defaults(path: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {
         "dtype": "fp8" if quant.get("quant_algo") == "FP8" else base,
         "kv_cache_dtype": "fp8" if quant.get("kv_cache_quant_algo") == "FP8" else base,
-        "tp": int(mapping.get("tp_size", 1)), "pp": int(mapping.get("pp_size", 1)),
+        "tp": int(mapping.get("tp_size") or 1), "pp": int(mapping.get("pp_size") or 1),
         "use_parallel_embedding": bool(cfg.get("use_parallel_embedding")),
         "embedding_sharding_dim": int(cfg.get("embedding_sharding_dim") or 0),
     }
     if quant.get("quant_algo") not in (None, "FP8"):
         raise ConfigError(f"{p}: quant_algo {quant['quant_algo']!r} is not planned by nasrt (only FP8 or none)")
     for key in ("max_batch_size", "max_seq_len", "max_num_tokens"):
-        if build.get(key):
-            out[{"max_batch_size": "batch", "max_seq_len": "seq"}.get(key, key)] = int(build[key])
+        value = build.get(key)
+        if value is None:
+            continue
+        if type(value) is not int or value < 1:
+            raise ConfigError(f"{p}: build_config.{key} = {show(value)} must be a positive integer")
+        out[{"max_batch_size": "batch", "max_seq_len": "seq"}.get(key, key)] = value
     return out
 
 
@@ -296,7 +332,7 @@ def render(plan: Plan) -> str:
         f"model: {plan.num_params:,} parameters ({plan.num_params / 1e9:.2f} B), "
         f"{len(plan.per_layer_params)} layers, {plan.kv_heads_total} KV heads over attention layers",
         f"target: {r.tp * r.pp} x {g.name} ({g.memory_mib} MiB = {g.memory_bytes / GiB:.2f} GiB each), tp {r.tp}, "
-        f"pp {r.pp}, weights {r.dtype}, KV cache {r.kv_dtype}",
+        f"pp {r.pp}, weights {r.dtype}, KV cache {r.kv_dtype}, backend {r.backend}",
         f"request: batch {r.batch} x seq {r.seq} = {r.batch * r.seq} tokens; max_num_tokens {r.max_num_tokens}; "
         f"KV fraction {r.kv_fraction}; tokens_per_block {r.tokens_per_block}",
     ]
@@ -308,8 +344,11 @@ def render(plan: Plan) -> str:
             f"rank {rp.rank} (layers {rp.layers[0]}-{rp.layers[-1]}):",
             f"  weights      {rp.weight_bytes / GiB:8.2f} GiB  ({rp.params:,} elements after sharding)",
             f"  activations  {rp.activation_bytes / GiB:8.2f} GiB  (estimate for {r.max_num_tokens} tokens in flight)",
-            f"  reserve      {rp.reserve_bytes / GiB:8.2f} GiB  (CUDA context, runtime buffers"
+            f"  reserve      {rp.reserve_bytes / GiB:8.2f} GiB  (CUDA context, "
+            f"{'PyTorch runtime and allocator' if r.backend == 'pytorch' else 'runtime buffers'}"
             f"{', NCCL' if r.tp * r.pp > 1 else ''})",
+            *([f"  CUDA graphs  {rp.cuda_graph_bytes / GiB:8.2f} GiB  (decode steps captured up to batch {r.batch}: "
+               f"their activations + {RESERVE_CUDA_GRAPHS // MiB} MiB)"] if rp.cuda_graph_bytes else []),
             f"  free         {rp.free_bytes / GiB:8.2f} GiB -> KV cache {rp.kv_budget_bytes / GiB:.2f} GiB "
             f"({r.kv_fraction:g} of free)",
             f"  KV/token     {kv} -> {tokens}",
@@ -319,29 +358,28 @@ def render(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def plot_plan(plan: Plan, path: str | Path, title: str = "") -> Path:
-    """Write a PNG of per-layer parameters and KV heads (written beside ``path`` and renamed into place)."""
+def plot_plan(plan: Plan, path: str | Path, title: str = "", overwrite: bool = False,
+              inputs: tuple[str | Path | None, ...] = (), flag: str = "--plot") -> Path:
+    """Write a PNG of per-layer parameters and KV heads, atomically (:func:`nasrt.atomic.atomic_output_file`:
+    an existing file only with ``overwrite``, never a directory or a path inside ``inputs``)."""
+    path = check_output_file(path, overwrite, inputs, flag)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     idx = list(range(len(plan.per_layer_params)))
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 6), sharex=True)
-    ax1.bar(idx, [p / 1e6 for p in plan.per_layer_params], color="tab:blue")
-    ax1.set_ylabel("parameters (M)")
-    ax1.set_title(title or f"{plan.num_params / 1e9:.2f} B parameters, {plan.kv_heads_total} KV heads")
-    ax2.bar(idx, plan.per_layer_kv_heads, color="tab:orange")
-    ax2.set_ylabel("KV heads")
-    ax2.set_xlabel("layer")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        ax1.bar(idx, [p / 1e6 for p in plan.per_layer_params], color="tab:blue")
+        ax1.set_ylabel("parameters (M)")
+        ax1.set_title(title or f"{plan.num_params / 1e9:.2f} B parameters, {plan.kv_heads_total} KV heads")
+        ax2.bar(idx, plan.per_layer_kv_heads, color="tab:orange")
+        ax2.set_ylabel("KV heads")
+        ax2.set_xlabel("layer")
+        fig.tight_layout()
+        with atomic_output_file(path, overwrite, inputs, flag) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

@@ -253,11 +253,37 @@ def load_profile(name_or_path: str | Path) -> Profile:
     if plugin_flags.get("use_fp8_context_fmha") == "enable" and quant.get("quant_algo") != "FP8":
         raise ConfigError(f"{path}: plugin preset {plugin_path.name} enables use_fp8_context_fmha but the profile's "
                           "quantization.quant_algo is not FP8")
+    check_flag_combination(path, {**build_flags, **plugin_flags}, quant)
     return Profile(name=path.stem, path=path, gpu=data["gpu"], quant_algo=quant.get("quant_algo"),
                    kv_cache_quant_algo=quant.get("kv_cache_quant_algo"), tp_size=data["tp_size"],
                    pp_size=data["pp_size"], build_flags=build_flags, plugin_preset=plugin_path.stem,
                    plugin_path=plugin_path, plugin_flags=plugin_flags, kv_cache_free_gpu_memory_fraction=float(frac),
                    description=str(data.get("description", "")), raw=data)
+
+
+#: Flags trtllm-build 1.2 refuses, ignores or overrides for DeciLM: flag -> (refused value, why).
+REFUSED_FLAGS: dict[str, tuple[Any, str]] = {
+    "gather_generation_logits": (True, "deprecated in trtllm-build 1.2 (generation logits are a runtime option); "
+                                       "use gather_context_logits or request logits at run time"),
+    "reduce_fusion": ("enable", "trtllm-build 1.2 forces it off unless the architecture is Llama/Gemma2/Medusa "
+                                "with tp > 1, so it is always off for DeciLM"),
+}
+
+
+def check_flag_combination(path: Path, flags: dict[str, Any], quant: dict[str, Any]) -> None:
+    """Combinations trtllm-build 1.2 refuses or silently ignores (defaults as in :data:`TRTLLM_BUILD_FLAGS`)."""
+    for key, (value, why) in REFUSED_FLAGS.items():
+        if flags.get(key) == value:
+            raise ConfigError(f"{path}: field {key!r} = {value!r}: {why}")
+    if flags.get("multiple_profiles") == "enable" and "opt_num_tokens" in flags:
+        raise ConfigError(f"{path}: field 'opt_num_tokens' is ignored by trtllm-build 1.2 when multiple_profiles is "
+                          "enabled; drop one of them")
+    fp8_fmha = flags.get("use_fp8_context_fmha", TRTLLM_BUILD_FLAGS["use_fp8_context_fmha"].default) == "enable"
+    paged = flags.get("use_paged_context_fmha", TRTLLM_BUILD_FLAGS["use_paged_context_fmha"].default) == "enable"
+    if fp8_fmha and paged and quant.get("quant_algo") == "FP8" and quant.get("kv_cache_quant_algo") != "FP8":
+        raise ConfigError(f"{path}: use_fp8_context_fmha with use_paged_context_fmha needs an FP8 KV cache, but "
+                          "quantization.kv_cache_quant_algo is not FP8; set use_fp8_context_fmha to disable or quantize "
+                          "the KV cache (nasrt quantize --kv_cache_dtype fp8)")
 
 
 def trtllm_build_argv(profile: Profile, checkpoint_dir: str | Path, output_dir: str | Path,

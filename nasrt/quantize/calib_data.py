@@ -131,34 +131,8 @@ def tokenize_batches(tokenizer, texts: list[str], max_seq_length: int, batch_siz
     return batches
 
 
-#: HF model types that only exist as remote code; their tokenizer is read from tokenizer.json directly.
-REMOTE_CODE_MODEL_TYPES = ("nemotron-nas", "deci")
-
-
-def _model_type(path: Path) -> str | None:
-    try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def load_tokenizer(tokenizer_dir: str | Path):
-    """``AutoTokenizer`` from a local directory, with a clear error when there is none."""
-    path = Path(tokenizer_dir)
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        raise ConfigError(f"{path}: no tokenizer found (tokenizer.json / tokenizer.model); calibration needs one, "
-                          "pass --tokenizer_dir")
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    """The calibration tokenizer: :func:`nasrt.tokenizer.load_tokenizer_files` (offline, no remote code)."""
+    from nasrt.tokenizer import load_tokenizer_files
 
-    remote = _model_type(path) in REMOTE_CODE_MODEL_TYPES
-    if not remote or not (path / "tokenizer.json").is_file():
-        try:
-            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-        except Exception as exc:
-            if not (path / "tokenizer.json").is_file():
-                raise ConfigError(f"{path}: cannot load the tokenizer ({exc})") from None
-            log.debug("AutoTokenizer failed on %s (%s); loading tokenizer.json directly", path, exc)
-    try:  # remote-code model types (nemotron-nas): AutoTokenizer would try their config class
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
-    except Exception as exc:
-        raise ConfigError(f"{path}: cannot load the tokenizer ({exc})") from None
+    return load_tokenizer_files(tokenizer_dir)

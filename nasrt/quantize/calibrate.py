@@ -35,11 +35,15 @@ def mtq():
 
 @dataclass(frozen=True)
 class QuantSettings:
-    """What to quantize: the ``--qformat`` / ``--kv_cache_dtype`` / ``--quantize_lm_head`` flags."""
+    """What to quantize: the ``--qformat`` / ``--kv_cache_dtype`` / ``--quantize_lm_head`` flags, and the linears
+    kept in the checkpoint dtype (``--bf16_budget``): TensorRT-LLM module names in ``exclude`` and the HF module
+    names behind them in ``hf_exclude``."""
 
     qformat: str = "fp8"
     kv_cache_dtype: str | None = None
     quantize_lm_head: bool = False
+    exclude: tuple[str, ...] = ()
+    hf_exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.qformat not in SUPPORTED_QFORMATS:

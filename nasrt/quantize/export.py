@@ -4,13 +4,15 @@ unified HF FP8 checkpoint (``hf_quant_config.json``) that the TensorRT-LLM PyTor
 Scale semantics (ModelOpt's): every scale is ``amax / 448`` (float32). TensorRT-LLM fuses q/k/v into one GEMM
 and may fuse fc/gate, so those groups share one weight scale (the max) with the weights re-quantized to it,
 and one activation scale. ``kv_cache_scaling_factor`` is ``max(k_scale, v_scale)`` on attention layers only,
-clamped to >= 1.0 unless ``kv_cache_scales == "calibrated"``. The unified HF export keeps per-projection weight
-scales and the calibrated K/V scales, as ModelOpt's ``export_hf_checkpoint`` does.
+clamped to >= 1.0 unless ``kv_cache_scales == "calibrated"``. The unified HF export keeps the calibrated K/V scales
+as ModelOpt's ``export_hf_checkpoint`` does, and writes the shared group scale as each projection's
+``weight_scale`` (ModelOpt 0.47 keeps per-projection FP8 weight scales, but every consumer fuses q/k/v and gate/up
+and re-quantizes them to the max at load -- TensorRT-LLM's PyTorch backend ``rescale_fused_weights``, vLLM --
+so quantizing once with the shared scale avoids a second rounding and both exports carry the same FP8 values).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import torch
 
 import nasrt
 from nasrt.arch import AttnKind, ModelSpec, default_quantization
+from nasrt.atomic import write_json
 from nasrt.convert import ConvertOptions, Scales, trtllm_config, write_rank
 from nasrt.errors import CheckpointError
 from nasrt.fp8 import FP8_DTYPE, quantize, scale_from_amax
@@ -28,6 +31,7 @@ from nasrt.quantize.calibrate import AmaxTable, QuantSettings
 from nasrt.st_io import torch_dtype, write_safetensors_stream
 from nasrt.tensor_map import (
     ACT_SCALE,
+    FP8_FUSED_GROUPS,
     WEIGHT_SCALE,
     TensorRule,
     expected_hf_tensors,
@@ -38,7 +42,7 @@ from nasrt.tensor_map import (
 log = logging.getLogger(__name__)
 
 #: TensorRT-LLM linears whose weight scales are unified (fc and gate may be fused into one GEMM).
-FUSED_GROUPS = (("ffn.fc", "ffn.gate"),)
+FUSED_GROUPS = FP8_FUSED_GROUPS
 KV_SCALE_MODES = ("clamped", "calibrated")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -77,15 +81,14 @@ def fp8_scales(table: AmaxTable, spec: ModelSpec, settings: QuantSettings,
         raise CheckpointError(f"--kv_cache_scales {kv_cache_scales!r} is not one of {list(KV_SCALE_MODES)}")
     out = FP8Scales({}, {}, {}, {})
     for i, layer in enumerate(spec.layers):
-        rules = [r for r in layer_rules(layer) if r.linear]
+        rules = [r for r in layer_rules(layer) if r.linear and f"transformer.layers.{i}.{r.linear}"
+                 not in settings.exclude]  # excluded linears stay in the checkpoint dtype, without scales
         group_w: dict[str, torch.Tensor] = {}
         group_a: dict[str, torch.Tensor] = {}
         for rule in rules:
             modules = [_module(n) for n in rule.hf_names(i)]
             group_w[rule.linear] = torch.stack([_amax(table, m, "weight") for m in modules]).max()
             group_a[rule.linear] = torch.stack([_amax(table, m, "input") for m in modules]).max()
-            for m in modules:
-                out.hf[f"{m}.weight_scale"] = scale_from_amax(_amax(table, m, "weight")).reshape(())
         for group in FUSED_GROUPS:
             present = [g for g in group if g in group_w]
             if len(present) > 1:
@@ -98,6 +101,7 @@ def fp8_scales(table: AmaxTable, spec: ModelSpec, settings: QuantSettings,
             out.trt[(i, rule.linear)] = {WEIGHT_SCALE: w, ACT_SCALE: a}
             for name in rule.hf_names(i):
                 out.weight_quant[name] = w
+                out.hf[f"{_module(name)}.weight_scale"] = w.reshape(())
                 out.hf[f"{_module(name)}.input_scale"] = a.reshape(())
         if settings.kv and layer.attention.kind is AttnKind.ATTENTION:
             _, k_proj, v_proj = (_module(n) for n in _qkv_rule(layer).hf_names(i))
@@ -152,8 +156,15 @@ class QuantizingReader:
 
 
 def exclude_modules(settings: QuantSettings) -> list[str]:
-    """TensorRT-LLM ``exclude_modules``: a non-null list replaces the built-in default, so lm_head is named."""
-    return [] if settings.quantize_lm_head else ["lm_head"]
+    """TensorRT-LLM ``exclude_modules``: a non-null list replaces the built-in default, so lm_head is named;
+    then the linears kept BF16 by ``--bf16_budget`` (module names, matched by ``quantize_layers`` with fnmatch)."""
+    return ([] if settings.quantize_lm_head else ["lm_head"]) + list(settings.exclude)
+
+
+def hf_exclude_modules(settings: QuantSettings) -> list[str]:
+    """``exclude_modules`` of the unified checkpoint: HF module names (the PyTorch backend also matches a fused
+    ``qkv_proj`` / ``gate_up_proj`` by its ``q/k/v_proj`` / ``gate/up_proj`` names)."""
+    return ([] if settings.quantize_lm_head else ["lm_head"]) + list(settings.hf_exclude)
 
 
 def trtllm_quantization(settings: QuantSettings, has_kv: bool) -> dict[str, Any]:
@@ -179,7 +190,7 @@ def export_trtllm(reader, spec: ModelSpec, opts: ConvertOptions, dtype: str, sca
         trt[(None, "lm_head")] = {WEIGHT_SCALE: _lm_scale(scales),
                                   ACT_SCALE: scales.hf["lm_head.input_scale"].reshape(1)}
     cfg = trtllm_config(spec, opts, dtype, trtllm_quantization(settings, bool(scales.kv)))
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_json(out_dir / "config.json", cfg)
     for rank in range(opts.mapping.world_size):
         write_rank(qreader, spec, opts, dtype, rank, out_dir, scales=trt, kv_scales=scales.kv, progress=progress)
 
@@ -202,7 +213,7 @@ SHARD_BYTES = 4 << 30
 def hf_quant_config(settings: QuantSettings, has_kv: bool) -> dict[str, Any]:
     return {"producer": {"name": "nasrt", "version": nasrt.__version__},
             "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if settings.kv and has_kv else None,
-                             "exclude_modules": exclude_modules(settings)}}
+                             "exclude_modules": hf_exclude_modules(settings)}}
 
 
 def _quantization_config(settings: QuantSettings, has_kv: bool) -> dict[str, Any]:
@@ -259,16 +270,15 @@ def export_hf(reader, spec: ModelSpec, hf_config: dict[str, Any], dtype: str, sc
                                  (produce(job) for *_, job in shard), metadata={"format": "pt"})
         weight_map.update({n: fname for n, *_ in shard})
     if len(shards) > 1:
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
-                                                                         indent=2))
+        write_json(out_dir / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
     cfg = dict(hf_config)
     cfg["torch_dtype"] = dtype
     cfg.pop("dtype", None)
     if settings.quantize_lm_head and spec.tie_word_embeddings:
         cfg["tie_word_embeddings"] = False
     cfg["quantization_config"] = _quantization_config(settings, has_kv)
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-    (out_dir / "hf_quant_config.json").write_text(json.dumps(hf_quant_config(settings, has_kv), indent=2))
+    write_json(out_dir / "config.json", cfg)
+    write_json(out_dir / "hf_quant_config.json", hf_quant_config(settings, has_kv))
     if tokenizer_dir is not None:
         for fname in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / fname).is_file():

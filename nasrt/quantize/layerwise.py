@@ -29,6 +29,14 @@ from nasrt.quantize.calibrate import (
     quantize_module,
     register_attention,
 )
+from nasrt.quantize.recipes import (
+    RECIPES,
+    SEARCH_TOKENS,
+    Recipe,
+    apply_recipe,
+    attach_input_stats,
+    linear_units,
+)
 from nasrt.st_io import SafetensorsReader
 from nasrt.tensor_map import EMBEDDING, FINAL_NORM, lm_head_rule
 
@@ -90,19 +98,27 @@ def _private(reader):
 
 
 def _run_once(module: nn.Module, settings: QuantSettings, store: ActivationStore, n: int, call,
-              keep_outputs: bool, device: torch.device) -> None:
-    """``mtq.quantize(module)`` whose forward loop feeds every cached batch and (optionally) stores the outputs."""
+              keep_outputs: bool, device: torch.device, on_start=None) -> None:
+    """``mtq.quantize(module)`` whose forward loop feeds every cached batch and (optionally) stores the outputs.
+
+    ``on_start(m)`` (e.g. attaching statistics hooks to the converted module) runs first and returns hook handles,
+    removed at the end of the loop."""
     calls = []
 
     def forward_loop(m: nn.Module) -> None:
         if calls:
             raise RuntimeError("ModelOpt ran the calibration loop twice; layer-wise outputs would be stale")
         calls.append(1)
-        with torch.no_grad():
-            for j in range(n):
-                out = call(m, store.get(j).to(device))
-                if keep_outputs:
-                    store.put(j, out.cpu())
+        handles = on_start(m) if on_start else []
+        try:
+            with torch.no_grad():
+                for j in range(n):
+                    out = call(m, store.get(j).to(device))
+                    if keep_outputs:
+                        store.put(j, out.cpu())
+        finally:
+            for h in handles:
+                h.remove()
 
     quantize_module(module, settings, forward_loop)
 
@@ -110,11 +126,15 @@ def _run_once(module: nn.Module, settings: QuantSettings, store: ActivationStore
 def calibrate_layerwise(reader, spec: ModelSpec, batches: list[torch.Tensor], settings: QuantSettings,
                         dtype: torch.dtype, max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
                         spill_dir: str | Path | None = None, progress: bool = True,
-                        device: torch.device | str = "cpu") -> AmaxTable:
+                        device: torch.device | str = "cpu", recipe: Recipe | None = None,
+                        record: dict | None = None) -> AmaxTable:
     """Calibrate every block of the HF checkpoint behind ``reader`` in turn; returns the amax table.
 
-    Blocks run on ``device``; the cached hidden states stay on the CPU (or disk) between blocks.
+    Blocks run on ``device``; the cached hidden states stay on the CPU (or disk) between blocks. ``recipe``
+    (default: ModelOpt's ``max``) rewrites each block's amax values right after its calibration, while the block
+    and its input statistics are still in memory; per-unit choices are added to ``record``.
     """
+    recipe = recipe or RECIPES["max"]
     device = torch.device(device)
     register_attention()  # import ModelOpt now: its import-time tracebacks must not pin a block's frame
     elem = torch.empty((), dtype=dtype).element_size()
@@ -140,9 +160,24 @@ def calibrate_layerwise(reader, spec: ModelSpec, batches: list[torch.Tensor], se
             if layer.attention.kind is AttnKind.NO_OP and layer.ffn.kind is FfnKind.NO_OP:
                 continue  # identity block: nothing to calibrate, hidden states unchanged
             block = load_block(_private(reader), spec, i, dtype).to(device)
+            prefix, units = hf_layer_prefix(spec, i), linear_units(spec, i)
+            stats: dict = {}
+
+            def on_start(m: nn.Module, prefix=prefix, units=units, stats=stats) -> list:
+                if not recipe.needs_stats:
+                    return []
+                found, handles = attach_input_stats(m, prefix, units, histogram=recipe.activation != "max",
+                                                 keep_tokens=SEARCH_TOKENS if recipe.weight == "omse" else 0)
+                stats.update(found)
+                return handles
+
             _run_once(block, settings, store, len(batches), lambda m, h: m(h, position_embeddings(h)), True,
-                      device)
-            table.update(collect_amax(block, hf_layer_prefix(spec, i)))
+                      device, on_start)
+            amax = collect_amax(block, prefix)
+            rec = apply_recipe(amax, block, prefix, units, stats, recipe)
+            if record is not None:
+                record.update(rec)
+            table.update(amax)
             del block
             gc.collect()  # the block (and the file pages it mapped) go before the next one is read
         if settings.quantize_lm_head:

@@ -3,9 +3,9 @@ calibration and the CLI can run on them exactly as on a real model."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from nasrt.atomic import write_json
 from nasrt.textdata import calibration_texts
 
 
@@ -25,7 +25,7 @@ def write_tiny_tokenizer(out_dir: str | Path, vocab_size: int) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-         "model_max_length": 4096}, indent=2))
+    write_json(out / "tokenizer_config.json",
+               {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                "model_max_length": 4096})
     return out

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nasrt.arch import ModelSpec, read_json
+from nasrt.errors import CheckpointError
 from nasrt.quantize.blocks import load_whole
 from nasrt.quantize.calibrate import (
     AmaxTable,
@@ -22,8 +23,23 @@ from nasrt.quantize.calibrate import (
     quantize_module,
     register_attention,
 )
+from nasrt.quantize.recipes import RECIPES, SEARCH_TOKENS, Recipe, all_units, apply_recipe, attach_input_stats
 
 log = logging.getLogger(__name__)
+
+
+#: Weight files that are pickles (loading one can run arbitrary code): never opened.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle_only(model_dir: str | Path) -> None:
+    """Refuse a directory without safetensors weights before anything (transformers included) could unpickle
+    its ``pytorch_model.bin``."""
+    path = Path(model_dir)
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES) if path.is_dir() else []
+        hint = f"; {pickles} are pickle files and are never loaded" if pickles else ""
+        raise CheckpointError(f"{path}: no *.safetensors weight files{hint} (convert them to safetensors first)")
 
 
 def is_plain_llama(model_dir: str | Path) -> bool:
@@ -36,24 +52,43 @@ def load_model(model_dir: str | Path, reader, spec: ModelSpec, dtype: torch.dtyp
     if is_plain_llama(model_dir):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa")
+        refuse_pickle_only(model_dir)
+        # use_safetensors=True: transformers must never fall back to a pickle file
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa",
+                                                     use_safetensors=True, local_files_only=True,
+                                                     trust_remote_code=False)
         return model.eval()
     return load_whole(reader, spec, dtype)
 
 
 def calibrate_whole(model_dir: str | Path, reader, spec: ModelSpec, batches: list[torch.Tensor],
-                    settings: QuantSettings, dtype: torch.dtype,
-                    device: torch.device | str = "cpu") -> tuple[AmaxTable, nn.Module]:
-    """Calibrate the whole model at once (on ``device``); returns the amax table and the quantized model."""
+                    settings: QuantSettings, dtype: torch.dtype, device: torch.device | str = "cpu",
+                    recipe: Recipe | None = None, record: dict | None = None) -> tuple[AmaxTable, nn.Module]:
+    """Calibrate the whole model at once (on ``device``); returns the amax table (rewritten by ``recipe`` as in
+    the layer-wise path) and the quantized model."""
+    recipe = recipe or RECIPES["max"]
     register_attention()  # import ModelOpt before the model exists (see calibrate_layerwise)
     model = load_model(model_dir, reader, spec, dtype).to(device)
     hf = hasattr(model, "config")
+    units = all_units(spec)
+    stats: dict = {}
 
     def forward_loop(m: nn.Module) -> None:
+        handles = []
+        if recipe.needs_stats:
+            found, handles = attach_input_stats(m, "", units, histogram=recipe.activation != "max",
+                                                 keep_tokens=SEARCH_TOKENS if recipe.weight == "omse" else 0)
+            stats.update(found)
         with torch.no_grad():
             for ids in batches:
                 ids = ids.to(device)
                 m(input_ids=ids, use_cache=False) if hf else m(ids)
+        for h in handles:
+            h.remove()
 
     quantize_module(model, settings, forward_loop)
-    return collect_amax(model), model
+    table = collect_amax(model)
+    rec = apply_recipe(table, model, "", units, stats, recipe)
+    if record is not None:
+        record.update(rec)
+    return table, model

@@ -3,6 +3,8 @@ EOS and stop words, tokens streamed through a callback as they are accepted."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,6 +12,15 @@ import torch
 
 from nasrt.errors import ConfigError
 from nasrt.runtime.model import ReferenceModel
+from nasrt.runtime.stop import TextStops, check_stop_strings
+
+
+def _integer(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 @dataclass
@@ -25,18 +36,26 @@ class SamplingConfig:
     end_id: int | list[int] | None = None
     pad_id: int | None = None
     stop_words: list[list[int]] | None = None  # token sequences; generation stops after one, which is dropped
+    #: strings matched on the decoded text (needs ``generate(..., decode=...)``); the stop string is dropped
+    stop_strings: list[str] | None = None
 
     def validate(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ConfigError(f"--max_output_len {self.max_new_tokens} must be >= 0")
-        if self.top_k < 0:
-            raise ConfigError(f"--top_k {self.top_k} must be >= 0")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise ConfigError(f"--top_p {self.top_p} must be in [0, 1]")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature {self.temperature} must be >= 0")
+        """Refuse bad values by flag name (cheap: call it before loading a model)."""
+        if not _integer(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise ConfigError(f"--max_output_len {self.max_new_tokens!r} must be an integer >= 0")
+        if not _integer(self.top_k) or self.top_k < 0:
+            raise ConfigError(f"--top_k {self.top_k!r} must be an integer >= 0")
+        if not (_real(self.top_p) and 0.0 <= self.top_p <= 1.0):
+            raise ConfigError(f"--top_p {self.top_p!r} must be in [0, 1]")
+        if not (_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"--temperature {self.temperature!r} must be a finite number >= 0")
+        for flag, value in (("--end_id", self.end_id), ("--pad_id", self.pad_id), ("--seed", self.seed)):
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(v is not None and not _integer(v) for v in values):
+                raise ConfigError(f"{flag} {value!r} must be an integer")
         if any(not s for s in self.stop_words or []):
             raise ConfigError("--stop_words: a stop word encodes to no tokens")
+        check_stop_strings(self.stop_strings)
 
     @property
     def greedy(self) -> bool:
@@ -92,13 +111,16 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 def generate(model: ReferenceModel, batch_input_ids: list[list[int]], cfg: SamplingConfig,
-             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+             on_token: Callable[[int, int], None] | None = None,
+             decode: Callable[[list[int]], str] | None = None) -> list[list[int]]:
     """Generate for a batch of prompts; returns only the new tokens of each (EOS and stop words excluded).
 
     ``on_token(batch_index, token_id)`` is called for each accepted token as soon as it can no longer turn out
-    to be part of a stop word.
+    to be part of a stop word. ``decode`` (token ids -> text) is needed for ``cfg.stop_strings``.
     """
     cfg.validate()
+    if cfg.stop_strings and decode is None:
+        raise ValueError("SamplingConfig.stop_strings needs generate(..., decode=...)")
     if not batch_input_ids or any(not p for p in batch_input_ids):
         raise ConfigError("every prompt must contain at least one token")
     longest = max(len(p) for p in batch_input_ids)
@@ -126,6 +148,7 @@ def generate(model: ReferenceModel, batch_input_ids: list[list[int]], cfg: Sampl
     logits = model.prefill(ids, mask, cache)
     done = [False] * b
     emitted = [0] * b
+    text_stops = [TextStops(cfg.stop_strings, decode) for _ in range(b)] if cfg.stop_strings else None
     for step in range(max_new):
         tokens = sample(logits, cfg, gen)
         for i, tok in enumerate(tokens.tolist()):
@@ -140,6 +163,11 @@ def generate(model: ReferenceModel, batch_input_ids: list[list[int]], cfg: Sampl
                 if matched:
                     del out[i][-matched:]
                     done[i] = True
+                elif text_stops is not None:
+                    keep, held = text_stops[i].update(out[i])
+                    if keep is not None:
+                        del out[i][max(keep, emitted[i]):]
+                        done[i] = True
             last = step == max_new - 1
             upto = len(out[i]) if done[i] or last else len(out[i]) - held
             if on_token is not None:

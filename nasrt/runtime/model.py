@@ -1,6 +1,7 @@
 """The reference network: a heterogeneous DeciLM decoder built from ``layer_configs`` of a nasrt checkpoint.
 
-``load_model`` merges every rank of a TensorRT-LLM checkpoint (:func:`nasrt.trtllm_ckpt.load_checkpoint`), builds one
+``load_model`` reads an HF dir / ModelOpt unified FP8 checkpoint (:func:`nasrt.hf_ckpt.load_hf_checkpoint`) or merges
+every rank of a TensorRT-LLM checkpoint (:func:`nasrt.trtllm_ckpt.load_checkpoint`) into one layout, builds one
 attention and one FFN sub-block per layer through the kind registries of :mod:`nasrt.runtime.layers`, and offers
 full-recomputation logits plus the two cached steps generation needs: :meth:`ReferenceModel.prefill` and
 :meth:`ReferenceModel.decode_one_token`.
@@ -171,17 +172,37 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def checkpoint_format(path: str | Path) -> str:
+    """``"hf"`` (what TensorRT-LLM's PyTorch backend loads: HF safetensors, BF16 or ModelOpt unified FP8) or
+    ``"trtllm"`` (a nasrt / TensorRT-LLM checkpoint), from ``path/config.json``."""
+    from nasrt.arch import is_trtllm_config, read_json
+
+    cfg = read_json(Path(path) / "config.json")
+    if "pretrained_config" in cfg:
+        raise ConfigError(f"{path}: this is a TensorRT-LLM engine dir; the reference runtime loads the checkpoint "
+                          "(or HF dir) it was built from")
+    return "trtllm" if is_trtllm_config(cfg) else "hf"
+
+
 def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu",
-               dtype: str | None = None) -> ReferenceModel:
-    """Load a nasrt / TensorRT-LLM ``DeciLMForCausalLM`` checkpoint (any tp/pp) for the reference runtime.
+               dtype: str | None = None, allow_external: bool = False) -> ReferenceModel:
+    """Load a model for the reference runtime: an HF DeciLM / Llama dir (BF16/FP32 or ModelOpt's unified HF FP8
+    checkpoint, :mod:`nasrt.hf_ckpt`) or a nasrt / TensorRT-LLM checkpoint of any tp/pp; the format is detected from
+    ``config.json`` and both become the same in-memory checkpoint.
 
     Args:
-        checkpoint_dir: directory with ``config.json`` and ``rank{N}.safetensors``.
+        checkpoint_dir: HF model dir, or a dir with a TensorRT-LLM ``config.json`` and ``rank{N}.safetensors``.
         device: ``cpu`` or ``cuda``.
         dtype: compute dtype; None = the checkpoint's ``dtype`` (FP8 weights are dequantized into it).
+        allow_external: read weight files whose symlinks resolve outside ``checkpoint_dir``.
     """
     dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint_dir)
+    if checkpoint_format(checkpoint_dir) == "hf":
+        from nasrt.hf_ckpt import load_hf_checkpoint
+
+        ckpt = load_hf_checkpoint(checkpoint_dir, allow_external=allow_external)
+    else:
+        ckpt = load_checkpoint(checkpoint_dir, allow_external=allow_external)
     name = dtype or ckpt.config.get("dtype") or "float32"
     if name not in COMPUTE_DTYPES:
         raise ConfigError(f"--dtype {name!r} is not a compute dtype ({', '.join(COMPUTE_DTYPES)})")

@@ -8,28 +8,17 @@ from typing import Any
 
 from nasrt.arch import ModelSpec
 from nasrt.errors import ConfigError
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+from nasrt.tokenizer import TOKENIZER_FILES, load_tokenizer_files
 
 
 def has_tokenizer(path: str | Path) -> bool:
     return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
 
 
-def load_tokenizer(tokenizer_dir: str | Path) -> Any:
-    """An HF tokenizer from ``tokenizer_dir`` (never runs remote code)."""
-    path = Path(tokenizer_dir)
-    if not path.is_dir():
-        raise ConfigError(f"--tokenizer_dir {path}: directory not found")
-    if not has_tokenizer(path):
-        raise ConfigError(f"--tokenizer_dir {path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
-                          "point --tokenizer_dir at the HF model directory")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as exc:  # transformers raises many types for unreadable tokenizers
-        raise ConfigError(f"--tokenizer_dir {path}: cannot load the tokenizer ({exc})") from None
+def load_tokenizer(tokenizer_dir: str | Path, flag: str = "--tokenizer_dir") -> Any:
+    """An HF tokenizer from ``tokenizer_dir``'s own files, offline, never running remote code
+    (:func:`nasrt.tokenizer.load_tokenizer_files`, the one loader every stage uses)."""
+    return load_tokenizer_files(tokenizer_dir, flag)
 
 
 def check_vocab(tokenizer: Any, spec: ModelSpec) -> None:

@@ -1,9 +1,11 @@
 """``nasrt build``: check a TensorRT-LLM checkpoint against a build profile, plan its memory, run trtllm-build.
 
-Order of work: profile -> checkpoint (config, rank files, quantization, mapping) -> planner (refuse a profile that
-does not fit unless ``force``) -> command line -> (dry run: stop) -> TensorRT-LLM and GPU present -> build into a
-temporary sibling of the output dir, write ``nasrt_build.json``, rename into place. Nothing is written before the
-last step, so a missing TensorRT-LLM leaves no trace.
+Order of work: (real build: a TensorRT-LLM release with the engine path) -> profile -> output dir (new, not inside
+the checkpoint) -> checkpoint (config, rank files, quantization, mapping against the profile) -> ``nasrt check``
+(TensorRT-LLM 1.2's loading rules, headers only) -> planner (refuse a profile that does not fit unless ``force``)
+-> command line -> (dry run: stop) -> TensorRT-LLM and GPU present -> trtllm-build run inside a temporary sibling of
+the output dir (its timing cache ``model.cache`` lands in its working directory), ``nasrt_build.json``, rename into
+place. Nothing is written before the last step, so a missing TensorRT-LLM leaves no trace.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from typing import Any
 
 import nasrt
 from nasrt.arch import ModelSpec, from_trtllm_config, is_trtllm_config, read_json
-from nasrt.atomic import atomic_output_dir
-from nasrt.deploy.engine import require_trtllm
+from nasrt.atomic import atomic_output_dir, write_json
+from nasrt.deploy.check import check_dir, require_clean
+from nasrt.deploy.engine import check_engine_path, require_trtllm
 from nasrt.deploy.plan import GPUS, Plan, PlanRequest, plan_memory, request_defaults
 from nasrt.deploy.profiles import Profile, load_profile, trtllm_build_argv
 from nasrt.errors import CheckpointError, ConfigError, MissingDependencyError, NasrtError
@@ -67,7 +70,7 @@ def check_checkpoint(ckpt_dir: Path, profile: Profile) -> tuple[dict[str, Any], 
             raise CheckpointError(f"{where} needs quantization.{key} = {json.dumps(want)} but {cfg_path} has "
                                   f"{json.dumps(have)} ({what} checkpoint){hint}")
     mapping = cfg.get("mapping") or {}
-    tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
+    tp, pp = int(mapping.get("tp_size") or 1), int(mapping.get("pp_size") or 1)
     world = int(mapping.get("world_size", tp * pp))
     if (tp, pp) != (profile.tp_size, profile.pp_size) or world != tp * pp:
         raise CheckpointError(f"{where} needs tp {profile.tp_size} x pp {profile.pp_size} = world size "
@@ -81,6 +84,19 @@ def check_checkpoint(ckpt_dir: Path, profile: Profile) -> tuple[dict[str, Any], 
         log.warning("%s: max_seq_len %d exceeds the model's max_position_embeddings %d", where,
                     profile.max_seq_len, spec.max_position_embeddings)
     return cfg, spec
+
+
+def check_output_dir(ckpt: Path, out: Path, overwrite: bool) -> None:
+    """The engine dir must not exist (unless ``overwrite``) and must not be, or lie inside, the checkpoint dir
+    (both paths already resolved)."""
+    if out == ckpt or ckpt in out.parents:
+        raise ConfigError(f"--output_dir {out} is {'the' if out == ckpt else 'inside the'} --checkpoint_dir {ckpt}; "
+                          "write the engine elsewhere (inputs are never modified)")
+    if out in ckpt.parents:
+        raise ConfigError(f"--checkpoint_dir {ckpt} is inside --output_dir {out}; replacing the output would delete "
+                          "the checkpoint")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--output_dir {out} already exists (pass --overwrite to replace it)")
 
 
 def plan_for_profile(ckpt_dir: Path, spec: ModelSpec, profile: Profile) -> Plan:
@@ -117,9 +133,13 @@ def check_gpus(profile: Profile) -> None:
 def build_engine(checkpoint_dir: str | Path, profile: str | Path | Profile, output_dir: str | Path, *,
                  dry_run: bool = False, force: bool = False, overwrite: bool = False) -> BuildResult:
     """Check, plan and (unless ``dry_run``) build the engine of ``checkpoint_dir`` with ``profile``."""
+    if not dry_run:  # a TensorRT-LLM release without the engine path: say so before any other work
+        check_engine_path("nasrt build")
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
-    ckpt, out = Path(checkpoint_dir), Path(output_dir)
+    ckpt, out = Path(checkpoint_dir).resolve(), Path(output_dir).resolve()
+    check_output_dir(ckpt, out, overwrite)
     cfg, spec = check_checkpoint(ckpt, prof)
+    require_clean(check_dir(ckpt, "checkpoint"), f"--checkpoint_dir {ckpt}")
     plan = plan_for_profile(ckpt, spec, prof)
     if not plan.fits:
         if not force:
@@ -128,9 +148,11 @@ def build_engine(checkpoint_dir: str | Path, profile: str | Path | Profile, outp
         log.warning("building despite the planner (--force): %s", plan.reason)
     result = BuildResult(prof, plan, trtllm_build_argv(prof, ckpt, out), out)
     if dry_run:
+        try:
+            check_engine_path("nasrt build")
+        except MissingDependencyError as exc:
+            log.warning("the printed command will not run on this machine: %s", exc)
         return result
-    if out.exists() and not overwrite:
-        raise ConfigError(f"--output_dir {out} already exists (pass --overwrite to replace it)")
     gpu = GPUS[prof.gpu]
     version = require_trtllm("nasrt build", f"{prof.world_size} x {gpu.name} GPU(s)", need_cli=True)
     check_gpus(prof)
@@ -139,7 +161,8 @@ def build_engine(checkpoint_dir: str | Path, profile: str | Path | Profile, outp
         log.info("running %s", shlex.join(argv))
         log_path = tmp / "build.log"
         with open(log_path, "w", encoding="utf-8") as fh:
-            proc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, check=False)
+            # cwd: trtllm-build writes its timing cache (model.cache) into the working directory
+            proc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, check=False, cwd=tmp)
         if proc.returncode:
             tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
             raise NasrtError(f"trtllm-build failed with exit code {proc.returncode}; last output:\n{tail}")
@@ -157,6 +180,6 @@ def build_engine(checkpoint_dir: str | Path, profile: str | Path | Profile, outp
             "plan": {"gpu": plan.gpu.name, "fits": plan.fits, "reason": plan.reason,
                      "max_kv_tokens": plan.max_kv_tokens, "max_batch": plan.max_batch, "forced": not plan.fits},
         }
-        (tmp / RECORD_NAME).write_text(json.dumps(result.record, indent=2))
+        write_json(tmp / RECORD_NAME, result.record)
     result.built = True
     return result

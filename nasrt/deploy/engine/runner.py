@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nasrt.arch import from_trtllm_config, read_json
-from nasrt.deploy.engine import require_trtllm
+from nasrt.deploy.engine import check_engine_path, require_trtllm
 from nasrt.errors import CheckpointError, ConfigError, MissingDependencyError
 from nasrt.runtime.generate import SamplingConfig
 from nasrt.runtime.text import (
@@ -147,6 +147,7 @@ def _sampling(args: argparse.Namespace, tokenizer: Any, pretrained: dict[str, An
 
 def run_engine(args: argparse.Namespace) -> int:
     """Entry point of ``run.py --engine_dir``; returns the exit status."""
+    check_engine_path("run.py --engine_dir")  # a release without the engine path: stop before anything else
     cfg = validate_engine_dir(args.engine_dir)
     world = world_size(cfg)
     if not getattr(args, "tokenizer_dir", None):

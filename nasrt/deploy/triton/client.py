@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from nasrt.errors import NasrtError
 
@@ -22,6 +24,26 @@ def _error(response) -> str:
         return str(body.get("error", body))
     except ValueError:
         return response.text.strip()[:500]
+
+
+def check_endpoint(url: str, timeout: float) -> str:
+    """``url`` without a trailing slash, refused unless it is ``http(s)://host[:port][/path]``; ``timeout`` must be
+    a finite number of seconds > 0."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise NasrtError(f"--url {url!r} is not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise NasrtError(f"--url {url!r} must look like http://HOST:PORT (e.g. http://127.0.0.1:8000)")
+    if port == 0:
+        raise NasrtError(f"--url {url!r}: port 0 is not a server port")
+    if parts.query or parts.fragment:
+        raise NasrtError(f"--url {url!r}: give the server address only, without '?' or '#'")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+            or timeout <= 0:
+        raise NasrtError(f"--timeout {timeout!r} must be a number of seconds > 0")
+    return url.rstrip("/")
 
 
 def build_payload(text: str, max_tokens: int, stream: bool = False, chat: bool = False,
@@ -46,7 +68,9 @@ def _post(url: str, payload: dict[str, Any], timeout: float, stream: bool):
     except requests.ConnectionError as exc:
         raise NasrtError(f"cannot reach Triton at {url} ({exc.__class__.__name__}); is the server running?") from None
     except requests.Timeout:
-        raise NasrtError(f"no answer from {url} within {timeout:.0f} s") from None
+        raise NasrtError(f"no answer from {url} within {timeout:g} s") from None
+    except requests.RequestException as exc:
+        raise NasrtError(f"request to {url} failed: {exc}") from None
     if response.status_code != 200:
         raise NasrtError(f"{url}: HTTP {response.status_code}: {_error(response)}")
     return response
@@ -55,7 +79,7 @@ def _post(url: str, payload: dict[str, Any], timeout: float, stream: bool):
 def stream_events(url: str, text: str, max_tokens: int, model: str = "ensemble", chat: bool = False,
                   params: dict[str, Any] | None = None, timeout: float = 300.0) -> Iterator[str]:
     """Yield each streamed ``text_output`` piece of ``POST /v2/models/<model>/generate_stream``."""
-    endpoint = f"{url.rstrip('/')}/v2/models/{model}/generate_stream"
+    endpoint = f"{check_endpoint(url, timeout)}/v2/models/{model}/generate_stream"
     response = _post(endpoint, build_payload(text, max_tokens, True, chat, params), timeout, stream=True)
     with response:
         for line in response.iter_lines(decode_unicode=True):
@@ -78,7 +102,7 @@ def generate(url: str, text: str, max_tokens: int = 64, model: str = "ensemble",
             if on_text is not None:
                 on_text(piece)
         return "".join(pieces)
-    endpoint = f"{url.rstrip('/')}/v2/models/{model}/generate"
+    endpoint = f"{check_endpoint(url, timeout)}/v2/models/{model}/generate"
     body = _post(endpoint, build_payload(text, max_tokens, False, chat, params), timeout, stream=False).json()
     if "error" in body:
         raise NasrtError(f"{endpoint}: {body['error']}")

@@ -8,6 +8,7 @@ load only ``tensorrt_llm`` (explicit model control), since only rank 0 serves re
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -35,10 +36,22 @@ def launch_command(repository: str | Path, world_size: int, tritonserver: str = 
     return argv
 
 
+#: tensorrtllm_backend's launcher inside NVIDIA's Triton TensorRT-LLM container (``tritonserver:<yy.mm>-trtllm-python-py3``).
+CONTAINER_LAUNCH_SCRIPT = "/app/scripts/launch_triton_server.py"
+
+
+def launch_script_path() -> str:
+    """The launcher's absolute path: ``$TRITON_TRTLLM_LAUNCH_SCRIPT`` when set (a local checkout of
+    ``triton_backend/scripts``), else the container's path."""
+    env = os.environ.get("TRITON_TRTLLM_LAUNCH_SCRIPT")
+    return str(Path(env).resolve()) if env else CONTAINER_LAUNCH_SCRIPT
+
+
 def launch_script_command(repository: str | Path, world_size: int) -> list[str]:
-    """The equivalent call of tensorrtllm_backend's own launcher script (inside the Triton TRT-LLM container)."""
-    return ["python3", "scripts/launch_triton_server.py", f"--world_size={world_size}",
-            f"--model_repo={Path(repository)}"]
+    """The equivalent call of tensorrtllm_backend's own launcher script, by absolute path (it is not in the
+    current directory of whoever runs the printed command)."""
+    return ["python3", launch_script_path(), f"--world_size={world_size}",
+            f"--model_repo={Path(repository).resolve()}"]
 
 
 def format_command(argv: list[str]) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 NUMPY_DTYPES: dict[str, str] = {
     "TYPE_BOOL": "bool",
     "TYPE_INT32": "int32",
+    "TYPE_INT64": "int64",
     "TYPE_UINT64": "uint64",
     "TYPE_FP32": "float32",
     "TYPE_STRING": "object",
@@ -48,7 +49,7 @@ class ModelConfig:
     """The subset of Triton's ``ModelConfig`` that nasrt writes."""
 
     name: str
-    max_batch_size: int
+    max_batch_size: int | None  # None: not written (the llmapi model sets it from model.yaml)
     inputs: tuple[TensorSig, ...]
     outputs: tuple[TensorSig, ...]
     backend: str | None = None
@@ -69,7 +70,8 @@ class ModelConfig:
             out.append(f"backend: {quote(self.backend)}")
         if self.platform:
             out.append(f"platform: {quote(self.platform)}")
-        out.append(f"max_batch_size: {int(self.max_batch_size)}")
+        if self.max_batch_size is not None:
+            out.append(f"max_batch_size: {int(self.max_batch_size)}")
         if self.decoupled is not None:
             out.append(f"model_transaction_policy {{\n  decoupled: {str(self.decoupled).lower()}\n}}")
         if self.dynamic_batching:

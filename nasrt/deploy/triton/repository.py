@@ -13,7 +13,6 @@ The repository is written atomically; ``nasrt_repository.json`` at its root reco
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import nasrt
 from nasrt.arch import read_json
-from nasrt.atomic import atomic_output_dir
+from nasrt.atomic import atomic_output_dir, write_json
 from nasrt.deploy.triton import signatures as sig
 from nasrt.deploy.triton.launch import format_command, launch_command
 from nasrt.deploy.triton.pbtxt import ModelConfig
@@ -32,6 +31,9 @@ log = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).parent / "models"
 RECORD = "nasrt_repository.json"
+#: Python models that load a tokenizer, and the module they load it with (copied beside their model.py).
+TOKENIZER_MODELS = ("preprocessing", "postprocessing")
+TOKENIZER_SOURCE = Path(__file__).resolve().parents[2] / "tokenizer.py"
 EXECUTOR_WORKER = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
 
 
@@ -196,6 +198,11 @@ def engine_model_configs(engine: EngineInfo, tokenizer_dir: Path, opts: ServingO
         "normalize_log_probs": "true",
         "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
         "executor_worker_path": EXECUTOR_WORKER,
+        # read unconditionally by the C++ backend (no fallback: a missing one fails the model load); empty
+        # guided-decoding values mean "no guided decoding" (nasrt.deploy.check.trtllm_schema.TRITON_REQUIRED)
+        "tokenizer_dir": str(tokenizer_dir),
+        "guided_decoding_backend": "",
+        "xgrammar_tokenizer_info_path": "",
     }
     if opts.max_tokens_in_paged_kv_cache is not None:
         params["max_tokens_in_paged_kv_cache"] = str(opts.max_tokens_in_paged_kv_cache)
@@ -241,7 +248,14 @@ def _write(out: Path, models: dict[str, ModelConfig], sources: dict[str, str], r
         (out / name / "config.pbtxt").write_text(text, encoding="utf-8")
         if name in sources:
             (out / name / "1" / "model.py").write_text(sources[name], encoding="utf-8")
-    (out / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if name in TOKENIZER_MODELS:  # the one tokenizer loader, beside the model that imports it
+            (out / name / "1" / "nasrt_tokenizer.py").write_text(TOKENIZER_SOURCE.read_text(encoding="utf-8"),
+                                                                  encoding="utf-8")
+    write_json(out / RECORD, record)
+    from nasrt.deploy.check import require_clean
+    from nasrt.deploy.check.triton import check_repository
+
+    require_clean(check_repository(out), "generated Triton repository (not written)", temporary=True)  # before the rename
 
 
 def write_engine_repository(engine_dir: str | Path, tokenizer_dir: str | Path, output_dir: str | Path,

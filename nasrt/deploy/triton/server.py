@@ -13,6 +13,7 @@ import contextlib
 import glob
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import signal
@@ -26,9 +27,14 @@ import uuid
 from pathlib import Path
 
 import nasrt
-from nasrt.errors import MissingDependencyError, NasrtError
+from nasrt.errors import ConfigError, MissingDependencyError, NasrtError
 
 log = logging.getLogger(__name__)
+
+#: default seconds to wait for ``/v2/health/ready`` (model loads are slow on a busy CPU machine)
+DEFAULT_READY_TIMEOUT_S = 600.0
+#: seconds between progress reports while waiting
+PROGRESS_EVERY_S = 10.0
 
 
 def bundled_tritonserver() -> tuple[Path, Path]:
@@ -58,12 +64,30 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def check_ports(ports: dict[str, int | None]) -> None:
+    """Every given port (``flag -> port``; None = pick a free one) is a TCP port in 1-65535, all distinct."""
+    seen: dict[int, str] = {}
+    for flag, port in ports.items():
+        if port is None:
+            continue
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ConfigError(f"{flag} {port!r} must be a TCP port in 1-65535")
+        if port in seen:
+            raise ConfigError(f"{flag} {port} is also {seen[port]}: each server port must differ")
+        seen[port] = flag
+
+
 class LocalTritonServer:
     """A tritonserver process on 127.0.0.1 serving ``repository``; use as a context manager."""
 
     def __init__(self, repository: str | Path, http_port: int | None = None, grpc_port: int | None = None,
-                 metrics_port: int | None = None, ready_timeout: float = 180.0, log_file: str | Path | None = None):
+                 metrics_port: int | None = None, ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
+                 log_file: str | Path | None = None):
         self.repository = Path(repository).resolve()
+        check_ports({"--http_port": http_port, "--grpc_port": grpc_port, "--metrics_port": metrics_port})
+        if isinstance(ready_timeout, bool) or not isinstance(ready_timeout, (int, float)) \
+                or not math.isfinite(ready_timeout) or ready_timeout <= 0:
+            raise ConfigError(f"--serve_timeout {ready_timeout!r} must be a number of seconds > 0")
         ports = free_ports(3)
         self.http_port = http_port or ports[0]
         self.grpc_port = grpc_port or ports[1]
@@ -134,29 +158,60 @@ class LocalTritonServer:
 
     def start(self) -> LocalTritonServer:
         """Start the server and wait until ``/v2/health/ready`` (raises with the log tail on failure)."""
-        import requests
 
         if not self.repository.is_dir():
             raise NasrtError(f"model repository {self.repository} does not exist")
         server_dir = self._prepare()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as logf:
-            self._proc = subprocess.Popen(self.command(server_dir), stdout=logf, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=self._env(), start_new_session=True)
-        log.info("tritonserver pid %d on %s, log %s", self._proc.pid, self.url, self.log_path)
-        deadline = time.monotonic() + self.ready_timeout
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "wb") as logf:
+                self._proc = subprocess.Popen(self.command(server_dir), stdout=logf, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL, env=self._env(), start_new_session=True)
+            return self._wait_ready()
+        except BaseException:  # Ctrl-C / SIGTERM while waiting: no server process or copy is left behind
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> LocalTritonServer:
+        import requests
+
+        log.info("tritonserver pid %d on %s, log %s; waiting up to %.0f s for it to be ready", self._proc.pid,
+                 self.url, self.log_path, self.ready_timeout)
+        started = time.monotonic()
+        deadline = started + self.ready_timeout
+        next_report = started + PROGRESS_EVERY_S
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
+            code = self._proc.poll()
+            if code is not None:
                 tail = self.log_tail()
                 self.stop()
-                raise NasrtError(f"tritonserver exited with code {self._proc.returncode} before it was ready:\n{tail}")
+                raise NasrtError(f"tritonserver exited with code {code} before it was ready:\n{tail}")
             with contextlib.suppress(requests.RequestException):
                 if requests.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
+                    log.info("tritonserver ready after %.1f s", time.monotonic() - started)
                     return self
+            if time.monotonic() >= next_report:
+                next_report += PROGRESS_EVERY_S
+                log.info("tritonserver not ready yet after %.0f s of %.0f (%s); last log line: %s",
+                         time.monotonic() - started, self.ready_timeout, self.models_state(),
+                         self.log_tail(1).strip() or "(none)")
             time.sleep(0.5)
         tail = self.log_tail()
         self.stop()
-        raise NasrtError(f"tritonserver not ready after {self.ready_timeout:.0f} s:\n{tail}")
+        raise NasrtError(f"tritonserver not ready after {self.ready_timeout:.0f} s (raise --serve_timeout on a busy "
+                         f"machine):\n{tail}")
+
+    def models_state(self) -> str:
+        """``name: STATE`` of every model in the repository (Triton's repository index), or why not known."""
+        import requests
+
+        try:
+            index = requests.post(f"{self.url}/v2/repository/index", timeout=2).json()
+        except (requests.RequestException, ValueError):
+            return "HTTP endpoint not up yet"
+        if not isinstance(index, list):
+            return "model states unknown"
+        return ", ".join(f"{m.get('name')}: {m.get('state') or 'UNKNOWN'}" for m in index if isinstance(m, dict))
 
     def stop(self) -> None:
         """SIGTERM, wait up to 15 s, then SIGKILL the whole process group; remove shared memory and the copy."""

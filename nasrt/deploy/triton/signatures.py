@@ -112,3 +112,54 @@ ENSEMBLE_STEPS = (
          input_map={"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"},
          output_map={"OUTPUT": "text_output"}),
 )
+
+
+# ---- llmapi (PyTorch backend) repository: TensorRT-LLM triton_backend/all_models/llmapi/tensorrt_llm/config.pbtxt --
+def _opt(name: str, dtype: str, dims: tuple[int, ...] = (1,)) -> TensorSig:
+    return TensorSig(name, dtype, dims, optional=True)
+
+
+#: Inputs of upstream's llmapi ``tensorrt_llm`` model (names, types, dims as its config.pbtxt declares them).
+LLMAPI_INPUTS = (
+    TensorSig("text_input", "TYPE_STRING", (-1,)),
+    _opt("image_url", "TYPE_STRING", (-1,)),
+    _opt("streaming", "TYPE_BOOL"),
+    _opt("sampling_param_best_of", "TYPE_INT32"),
+    _opt("sampling_param_temperature", "TYPE_FP32"),
+    _opt("sampling_param_top_k", "TYPE_INT32"),
+    _opt("sampling_param_top_p", "TYPE_FP32"),
+    _opt("sampling_param_frequency_penalty", "TYPE_FP32"),
+    _opt("sampling_param_presence_penalty", "TYPE_FP32"),
+    _opt("sampling_param_max_tokens", "TYPE_INT32"),
+    _opt("sampling_param_stop", "TYPE_STRING", (-1,)),
+    _opt("sampling_param_seed", "TYPE_UINT64"),
+    _opt("sampling_param_exclude_input_from_output", "TYPE_BOOL"),
+    _opt("sampling_param_return_perf_metrics", "TYPE_BOOL"),
+    _opt("return_finish_reason", "TYPE_BOOL"),
+    _opt("return_stop_reason", "TYPE_BOOL"),
+    _opt("return_cumulative_logprob", "TYPE_BOOL"),
+    _opt("stop", "TYPE_BOOL"),
+    _opt("lora_id", "TYPE_UINT64"),
+    _opt("lora_name", "TYPE_STRING"),
+    _opt("lora_path", "TYPE_STRING"),
+    _opt("lora_ckpt_source", "TYPE_STRING"),
+)
+#: Outputs of upstream's llmapi ``tensorrt_llm`` model (LLM ``RequestOutput`` fields and perf metrics).
+LLMAPI_OUTPUTS = (
+    TensorSig("text_output", "TYPE_STRING", (-1,)),
+    TensorSig("finish_reason", "TYPE_STRING", (-1,)),
+    TensorSig("stop_reason", "TYPE_STRING", (-1,)),
+    TensorSig("cumulative_logprob", "TYPE_FP32", (-1,)),
+    TensorSig("kv_cache_reused_block", "TYPE_INT32", (-1,)),
+    TensorSig("kv_cache_missed_block", "TYPE_INT32", (-1,)),
+    TensorSig("kv_cache_alloc_new_blocks", "TYPE_INT32", (-1,)),
+    TensorSig("kv_cache_alloc_total_blocks", "TYPE_INT32", (-1,)),
+    TensorSig("kv_cache_hit_rate", "TYPE_FP32", (-1,)),
+    TensorSig("arrival_time_ns", "TYPE_INT64", (1,)),
+    TensorSig("first_scheduled_time_ns", "TYPE_INT64", (1,)),
+    TensorSig("first_token_time_ns", "TYPE_INT64", (1,)),
+    TensorSig("last_token_time_ns", "TYPE_INT64", (1,)),
+    TensorSig("acceptance_rate", "TYPE_FP32", (1,)),
+    TensorSig("total_accepted_draft_tokens", "TYPE_INT32", (1,)),
+    TensorSig("total_draft_tokens", "TYPE_INT32", (1,)),
+)

@@ -1,6 +1,7 @@
 """Triton ``postprocessing`` model: ``TOKENS_BATCH [batch, beam, tokens]`` -> ``OUTPUT [batch, beam]`` text.
 
-Self-contained (numpy + transformers): this file is copied verbatim into ``postprocessing/1/model.py``.
+Self-contained (numpy + transformers, and ``nasrt_tokenizer.py`` written beside it): this file is
+copied verbatim into ``postprocessing/1/model.py``.
 Parameters: ``tokenizer_dir`` (required), ``skip_special_tokens`` (default true). Only the first
 ``SEQUENCE_LENGTH`` tokens of each beam are decoded.
 """
@@ -17,13 +18,28 @@ except ImportError:
     pb_utils = None
 
 
+def load_tokenizer(tokenizer_dir: str):
+    """nasrt's one tokenizer loader (``nasrt/tokenizer.py``: the tokenizer's own files, offline, no remote code),
+    loaded by path: the copy ``nasrt triton`` writes beside this ``model.py``, else (this file inside the nasrt
+    source tree) the original."""
+    import importlib.util
+    from pathlib import Path
+
+    here = Path(__file__).resolve()
+    path = here.with_name("nasrt_tokenizer.py")
+    if not path.is_file():
+        path = here.parents[3] / "tokenizer.py"
+    spec = importlib.util.spec_from_file_location("nasrt_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load_tokenizer_files(tokenizer_dir)
+
+
 class Postprocessor:
     """Detokenizer logic, independent of Triton."""
 
     def __init__(self, tokenizer_dir: str, skip_special_tokens: bool = True) -> None:
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        self.tokenizer = load_tokenizer(tokenizer_dir)
         self.skip_special_tokens = skip_special_tokens
 
     def __call__(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:

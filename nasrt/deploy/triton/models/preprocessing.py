@@ -1,6 +1,7 @@
 """Triton ``preprocessing`` model: text -> token ids, word lists -> ``[2, n]`` id lists, end / pad ids.
 
-Self-contained (numpy + transformers): this file is copied verbatim into ``preprocessing/1/model.py``.
+Self-contained (numpy + transformers, and ``nasrt_tokenizer.py`` written beside it): this file is
+copied verbatim into ``preprocessing/1/model.py``.
 Parameters: ``tokenizer_dir`` (required; never downloads), ``add_special_tokens`` (default true),
 ``max_input_len`` and ``max_seq_len`` (the engine's limits; requests beyond them get an error naming the limit).
 ``APPLY_CHAT_TEMPLATE`` (nasrt addition) wraps the query as one user message with the tokenizer's chat template.
@@ -16,6 +17,23 @@ try:  # only importable inside Triton's Python-backend stub
     import triton_python_backend_utils as pb_utils
 except ImportError:  # the pure helpers below stay importable (and testable) outside Triton
     pb_utils = None
+
+
+def load_tokenizer(tokenizer_dir: str):
+    """nasrt's one tokenizer loader (``nasrt/tokenizer.py``: the tokenizer's own files, offline, no remote code),
+    loaded by path: the copy ``nasrt triton`` writes beside this ``model.py``, else (this file inside the nasrt
+    source tree) the original."""
+    import importlib.util
+    from pathlib import Path
+
+    here = Path(__file__).resolve()
+    path = here.with_name("nasrt_tokenizer.py")
+    if not path.is_file():
+        path = here.parents[3] / "tokenizer.py"
+    spec = importlib.util.spec_from_file_location("nasrt_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load_tokenizer_files(tokenizer_dir)
 
 
 def model_parameters(model_config: dict) -> dict[str, str]:
@@ -62,9 +80,7 @@ class Preprocessor:
 
     def __init__(self, tokenizer_dir: str, add_special_tokens: bool = True, max_input_len: int | None = None,
                  max_seq_len: int | None = None) -> None:
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        self.tokenizer = load_tokenizer(tokenizer_dir)
         self.add_special_tokens = add_special_tokens
         self.max_input_len = max_input_len
         self.max_seq_len = max_seq_len

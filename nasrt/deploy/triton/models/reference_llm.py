@@ -4,19 +4,27 @@ Used by ``nasrt triton --reference``: ``tensorrt_llm/1/model.py`` imports this m
 ``checkpoint_dir`` (a nasrt / TensorRT-LLM checkpoint dir), ``exclude_input_in_output`` (default for requests
 that do not send it), ``max_seq_len``. Streaming needs ``decoupled: true``; each streamed response carries the
 new token only, as the C++ backend does. Features the reference runtime lacks (beam search, penalties,
-``min_tokens``, bad words) are refused with an error instead of being ignored.
+``min_tokens``, bad words) are refused with an error instead of being ignored. Requests run on one shared
+batching engine (:mod:`nasrt.runtime.batcher`): concurrent requests decode together, ``request_output_len`` is
+bounded by the context, and a request Triton reports cancelled (``is_cancelled``) or whose response sender fails
+is dropped at the next step.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nasrt.errors import NasrtError
+
+if TYPE_CHECKING:
+    from nasrt.runtime.batcher import Handle
 
 try:  # only importable inside Triton's Python-backend stub
     import triton_python_backend_utils as pb_utils
@@ -125,31 +133,103 @@ def output_arrays(req: LlmRequest, generated: list[list[int]]) -> dict[str, np.n
 
 
 class ReferenceLlm:
-    """Runs :class:`LlmRequest` s with nasrt's reference runtime."""
+    """Runs :class:`LlmRequest` s on nasrt's reference runtime through one shared
+    :class:`~nasrt.runtime.batcher.BatchingEngine` (continuous batching: concurrent requests decode together;
+    ``request_output_len`` is bounded by the context; a cancelled request frees its row at the next step)."""
 
-    def __init__(self, checkpoint_dir: str, device: str = "cpu", max_seq_len: int | None = None) -> None:
+    def __init__(self, checkpoint_dir: str, device: str = "cpu", max_seq_len: int | None = None,
+                 max_batch_size: int = 8) -> None:
         from nasrt.runtime import load_model
+        from nasrt.runtime.batcher import BatchingEngine
 
         self.model = load_model(checkpoint_dir, device=device)
-        self.max_seq_len = max_seq_len
+        self.engine = BatchingEngine(self.model, max_batch_size=max_batch_size, max_seq_len=max_seq_len).start()
 
-    def generate(self, req: LlmRequest, on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
-        from nasrt.runtime import SamplingConfig, generate
+    def submit(self, req: LlmRequest, on_token: Callable[[int, int], None] | None = None,
+               on_done: Callable[[list[Handle]], None] | None = None,
+               is_cancelled: Callable[[], bool] | None = None) -> list[Handle]:
+        """Queue every row of ``req`` (validated first: errors are raised here, before anything runs).
 
-        longest = max(len(p) for p in req.prompts)
-        if self.max_seq_len is not None and longest + req.max_new_tokens > self.max_seq_len:
-            raise ValueError(f"prompt ({longest} tokens) + request_output_len ({req.max_new_tokens}) exceeds "
-                             f"max_seq_len {self.max_seq_len}")
+        ``on_token(row, token)`` streams; ``on_done(handles)`` runs once, when every row has finished."""
+        from nasrt.runtime import SamplingConfig
+        from nasrt.runtime.batcher import GenerationRequest
+
         sampling = SamplingConfig(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
                                   top_p=req.top_p, seed=req.seed, end_id=req.end_id, pad_id=req.pad_id,
                                   stop_words=req.stop_words or None)
-        return generate(self.model, req.prompts, sampling, on_token=on_token)
+        for prompt in req.prompts:
+            bounded = self.engine.check(GenerationRequest(prompt, sampling))
+            if bounded < req.max_new_tokens:
+                log.info("request_output_len %d bounded to %d by the context of %d tokens", req.max_new_tokens,
+                         bounded, self.engine.context)
+        handles: list[Handle] = []
+        remaining = [len(req.prompts) + 1]  # every row, plus the end of submission (so no lock is held there)
+        lock = threading.Lock()
+
+        def done(_handle: Handle | None) -> None:
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last and on_done is not None:
+                on_done(handles)
+
+        def row_callback(row: int) -> Callable[[int], None] | None:
+            return None if on_token is None else (lambda tok: on_token(row, tok))
+
+        try:
+            for i, prompt in enumerate(req.prompts):
+                handles.append(self.engine.submit(GenerationRequest(prompt, sampling, on_token=row_callback(i),
+                                                                    on_done=done, is_cancelled=is_cancelled)))
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+        done(None)
+        return handles
+
+    def generate(self, req: LlmRequest, on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        """Blocking: the new tokens of every row."""
+        return [h.wait() for h in self.submit(req, on_token)]
+
+    def close(self, timeout: float = 2.0) -> None:
+        self.engine.close(timeout)
+
+
+def _cancelled_error():
+    code = getattr(pb_utils.TritonError, "CANCELLED", None)
+    message = "tensorrt_llm: request cancelled"
+    return pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+
+
+class TritonLogHandler(logging.Handler):
+    """Forwards nasrt's log records into Triton's own log (``pb_utils.Logger``), so request admissions and
+    cancellations show in the server log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            if record.levelno >= logging.ERROR:
+                pb_utils.Logger.log_error(message)
+            elif record.levelno >= logging.WARNING:
+                pb_utils.Logger.log_warn(message)
+            else:
+                pb_utils.Logger.log_info(message)
+        except Exception:  # noqa: BLE001 -- logging must never break serving
+            self.handleError(record)
 
 
 class TritonPythonModel:
-    """Triton entry points (decoupled or not, as ``config.pbtxt`` says)."""
+    """Triton entry points. Decoupled: ``execute`` only queues the requests on the batching engine and returns;
+    responses are sent from the engine thread as tokens come, so requests arriving meanwhile join the running
+    batch. Not decoupled: one ``execute`` call's requests are batched together and answered when all finish."""
 
     def initialize(self, args: dict) -> None:
+        nasrt_log = logging.getLogger("nasrt")
+        if not any(isinstance(h, TritonLogHandler) for h in nasrt_log.handlers):
+            handler = TritonLogHandler()
+            handler.setFormatter(logging.Formatter("nasrt %(name)s: %(message)s"))
+            nasrt_log.addHandler(handler)
+            nasrt_log.setLevel(logging.INFO)
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
         if not params.get("checkpoint_dir"):
@@ -157,47 +237,87 @@ class TritonPythonModel:
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.exclude_default = params.get("exclude_input_in_output", "true").lower() == "true"
         max_seq = params.get("max_seq_len", "")
+        batch = int(config.get("max_batch_size") or 0) or 8
         self.llm = ReferenceLlm(params["checkpoint_dir"], device=params.get("device") or "cpu",
-                                max_seq_len=int(max_seq) if max_seq.isdigit() else None)
+                                max_seq_len=int(max_seq) if max_seq.isdigit() else None, max_batch_size=batch)
 
     @staticmethod
     def _response(arrays: dict[str, np.ndarray]):
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
 
-    def _run(self, request, sender):
+    @staticmethod
+    def _error(exc: BaseException):
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"tensorrt_llm: {exc}"))
+
+    @staticmethod
+    def _parse(request, exclude_default: bool) -> LlmRequest:
         def get(name):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             return None if tensor is None else tensor.as_numpy()
 
-        req = parse_request(get, self.exclude_default)
-        if not req.streaming:
-            return self._response(output_arrays(req, self.llm.generate(req)))
-        if sender is None:
-            raise ValueError("streaming needs the model deployed with decoupled: true")
-        if len(req.prompts) != 1:
-            raise ValueError("streaming takes one prompt per request")
+        return parse_request(get, exclude_default)
 
-        def on_token(_row: int, token: int) -> None:
+    def _final(self, req: LlmRequest, handles: list[Handle]):
+        """The last response of a request: its output, its error, or the cancellation error."""
+        if any(h.finish_reason == "cancelled" for h in handles):
+            return pb_utils.InferenceResponse(output_tensors=[], error=_cancelled_error())
+        failed = next((h.error for h in handles if h.error is not None), None)
+        if failed is not None:
+            return self._error(failed)
+        return None if req.streaming else self._response(output_arrays(req, [h.tokens for h in handles]))
+
+    def _start_decoupled(self, request) -> None:
+        sender = request.get_response_sender()
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            req = self._parse(request, self.exclude_default)
+            if req.streaming and len(req.prompts) != 1:
+                raise ValueError("streaming takes one prompt per request")
+        except (ValueError, NasrtError) as exc:
+            sender.send(self._error(exc), flags=final)
+            return
+        poll = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", None)
+
+        def on_token(_row: int, token: int) -> None:  # engine thread; an exception cancels the request
             if token != req.end_id:
                 one = np.array([[[token]]], dtype=np.int32)
                 sender.send(self._response({"output_ids": one, "sequence_length": np.array([[1]], np.int32)}))
 
-        self.llm.generate(req, on_token=on_token)
-        return None
+        def on_done(handles: list[Handle]) -> None:  # engine thread
+            response = self._final(req, handles)
+            if response is None:
+                sender.send(flags=final)
+            else:
+                sender.send(response, flags=final)
+
+        try:
+            self.llm.submit(req, on_token if req.streaming else None, on_done, poll)
+        except (ValueError, NasrtError) as exc:
+            sender.send(self._error(exc), flags=final)
 
     def execute(self, requests):
-        responses = []
+        if self.decoupled:
+            for request in requests:
+                self._start_decoupled(request)
+            return None
+        pending = []
         for request in requests:
-            sender = request.get_response_sender() if self.decoupled else None
             try:
-                response = self._run(request, sender)
+                req = self._parse(request, self.exclude_default)
+                if req.streaming:
+                    raise ValueError("streaming needs the model deployed with decoupled: true")
+                pending.append((req, self.llm.submit(req, is_cancelled=getattr(request, "is_cancelled", None))))
             except (ValueError, NasrtError) as exc:
-                response = pb_utils.InferenceResponse(output_tensors=[],
-                                                      error=pb_utils.TritonError(f"tensorrt_llm: {exc}"))
-            if sender is None:
-                responses.append(response)
-            elif response is None:
-                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            else:
-                sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None if self.decoupled else responses
+                pending.append((None, exc))
+        responses = []
+        for req, handles in pending:
+            if req is None:
+                responses.append(self._error(handles))
+                continue
+            for h in handles:
+                h.finished()
+            responses.append(self._final(req, handles))
+        return responses
+
+    def finalize(self) -> None:
+        self.llm.close()

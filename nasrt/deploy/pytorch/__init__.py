@@ -1,0 +1,1 @@
+"""Deployment on TensorRT-LLM's PyTorch backend: trtllm-serve config and the LLM-API argument tables."""

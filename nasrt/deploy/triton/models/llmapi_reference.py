@@ -1,0 +1,232 @@
+"""The llmapi ``tensorrt_llm`` model for CPU machines: upstream's inputs and outputs, answered by nasrt's reference
+runtime on the checkpoint ``model.yaml`` names (the HF dir or ModelOpt FP8 checkpoint the PyTorch backend loads).
+
+``nasrt triton --backend pytorch --reference`` writes ``tensorrt_llm/1/model.py`` as a shim calling
+:func:`model_class` with its ``model.yaml``. As upstream's model does, :meth:`auto_complete_config` takes
+``max_batch_size`` and ``decoupled`` from ``model.yaml``'s ``triton_config``, and no chat template is applied to
+``text_input``. Streaming (``streaming: true``, decoupled) sends each new piece of text as one response. Features the
+reference runtime lacks (best_of, penalties, LoRA, images, log-probabilities, perf metrics) are refused with an error
+instead of being ignored; ``stop_reason`` is returned empty.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nasrt.errors import NasrtError
+
+try:  # only importable inside Triton's Python-backend stub
+    import triton_python_backend_utils as pb_utils
+except ImportError:
+    pb_utils = None
+
+log = logging.getLogger(__name__)
+
+#: Upstream's LLM-API SamplingParams default for max_tokens.
+DEFAULT_MAX_TOKENS = 32
+#: Optional inputs and the value that means "feature off"; anything else is refused.
+NEUTRAL = {"sampling_param_best_of": 1, "sampling_param_frequency_penalty": 0.0,
+           "sampling_param_presence_penalty": 0.0, "sampling_param_return_perf_metrics": False,
+           "return_cumulative_logprob": False}
+UNSUPPORTED = ("image_url", "lora_id", "lora_name", "lora_path", "lora_ckpt_source")
+
+
+@dataclass
+class GenerateRequest:
+    """One request, decoded from the llmapi input tensors."""
+
+    text: str
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    streaming: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    exclude_input: bool = False
+    finish_reason: bool = False
+    stop_reason: bool = False
+    cancelled: bool = False
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def parse_request(get: Callable[[str], np.ndarray | None]) -> GenerateRequest:
+    """Decode one request; ``get(name)`` returns the input as numpy or ``None`` when it was not sent."""
+    text = get("text_input")
+    if text is None or np.asarray(text).size != 1:
+        raise ValueError("text_input must hold exactly one string")
+
+    def one(name: str):
+        a = get(name)
+        return None if a is None else np.asarray(a).reshape(-1)[0].item()
+
+    for name in UNSUPPORTED:
+        if get(name) is not None:
+            raise ValueError(f"{name} is not supported by the nasrt reference runtime")
+    for name, neutral in NEUTRAL.items():
+        value = one(name)
+        if value is not None and value != neutral:
+            raise ValueError(f"{name}={value} is not supported by the nasrt reference runtime (only {neutral})")
+    max_tokens = one("sampling_param_max_tokens")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"sampling_param_max_tokens must be >= 1, got {max_tokens}")
+    stop = get("sampling_param_stop")
+    return GenerateRequest(
+        text=_text(np.asarray(text).reshape(-1)[0]),
+        max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else int(max_tokens),
+        streaming=bool(one("streaming") or False),
+        temperature=one("sampling_param_temperature"), top_k=one("sampling_param_top_k"),
+        top_p=one("sampling_param_top_p"), seed=one("sampling_param_seed"),
+        stop=[_text(s) for s in np.asarray(stop).reshape(-1)] if stop is not None else [],
+        exclude_input=bool(one("sampling_param_exclude_input_from_output") or False),
+        finish_reason=bool(one("return_finish_reason") or False), stop_reason=bool(one("return_stop_reason") or False),
+        cancelled=bool(one("stop") or False),
+    )
+
+
+def sampling(req: GenerateRequest):
+    """The reference runtime's :class:`~nasrt.runtime.SamplingConfig`: greedy unless sampling was asked for."""
+    from nasrt.runtime import SamplingConfig
+
+    sampled = (req.temperature not in (None, 0.0)) or req.top_k not in (None, 1) or req.top_p not in (None, 0.0)
+    top_k = (req.top_k if req.top_k is not None else 0) if sampled else 1
+    return SamplingConfig(max_new_tokens=req.max_tokens, temperature=1.0 if req.temperature is None else
+                          float(req.temperature), top_k=int(top_k), top_p=float(req.top_p or 0.0), seed=req.seed,
+                          stop_strings=req.stop or None)
+
+
+class LlmapiReference:
+    """The model ``model.yaml`` names, its tokenizer, and generation with the reference runtime."""
+
+    def __init__(self, config: dict[str, Any]):
+        from nasrt.runtime import load_model
+        from nasrt.runtime.text import load_tokenizer
+
+        self.model_dir = str(config["model"])
+        self.max_seq_len = int(config.get("max_seq_len") or 0) or None
+        self.model = load_model(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, flag="model")
+
+    def decode(self, ids: list[int]) -> str:
+        from nasrt.runtime.text import decode
+
+        return decode(self.tokenizer, ids)
+
+    def generate(self, req: GenerateRequest, on_text: Callable[[str], None] | None = None) -> tuple[str, str]:
+        """(text_output, finish_reason); ``on_text`` receives each new final piece of text (streaming)."""
+        from nasrt.runtime import generate
+
+        ids = list(self.tokenizer(req.text)["input_ids"])
+        if not ids:
+            raise ValueError("text_input encodes to no tokens")
+        if self.max_seq_len is not None and len(ids) + req.max_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + sampling_param_max_tokens ({req.max_tokens}) exceeds "
+                             f"max_seq_len {self.max_seq_len}")
+        shown: list[int] = []
+        sent = [""]
+
+        def on_token(_row: int, token: int) -> None:
+            shown.append(token)
+            text = self.decode(shown)
+            if on_text is not None and text.startswith(sent[0]) and not text.endswith("\ufffd"):
+                on_text(text[len(sent[0]):])
+                sent[0] = text
+
+        out = generate(self.model, [ids], sampling(req), on_token=on_token, decode=self.decode)[0]
+        text = self.decode(out)
+        if on_text is not None and text.startswith(sent[0]) and len(text) > len(sent[0]):
+            on_text(text[len(sent[0]):])
+        return text, "length" if len(out) >= req.max_tokens else "stop"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    if not isinstance(data, dict) or not data.get("model"):
+        raise ValueError(f"{path}: must be a mapping with 'model'")
+    return data
+
+
+def _strings(*values: str) -> np.ndarray:
+    return np.array([v.encode("utf-8") for v in values], dtype=object)
+
+
+def model_class(model_yaml: Path) -> type:
+    """The ``TritonPythonModel`` class for the repository whose ``1/model.yaml`` is ``model_yaml``."""
+
+    class TritonPythonModel:
+        """Triton entry points; decoupled or not as ``model.yaml``'s ``triton_config`` says."""
+
+        @staticmethod
+        def auto_complete_config(auto_complete_model_config):
+            triton = _read_yaml(model_yaml).get("triton_config") or {}
+            auto_complete_model_config.set_max_batch_size(int(triton.get("max_batch_size", 0)))
+            auto_complete_model_config.set_model_transaction_policy({"decoupled": bool(triton.get("decoupled"))})
+            return auto_complete_model_config
+
+        def initialize(self, args: dict) -> None:
+            import json
+
+            self.decoupled = pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"]))
+            self.llm = LlmapiReference(_read_yaml(model_yaml))
+
+        def _outputs(self, req: GenerateRequest, text: str, finish: str | None):
+            tensors = [pb_utils.Tensor("text_output", _strings(text))]
+            if req.finish_reason and finish is not None:
+                tensors.append(pb_utils.Tensor("finish_reason", _strings(finish)))
+            if req.stop_reason and finish is not None:
+                tensors.append(pb_utils.Tensor("stop_reason", _strings("")))
+            return pb_utils.InferenceResponse(output_tensors=tensors)
+
+        def _run(self, request, sender):
+            def get(name):
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                return None if tensor is None else tensor.as_numpy()
+
+            req = parse_request(get)
+            if req.cancelled:
+                return self._outputs(req, "", "cancelled")
+            prefix = "" if req.exclude_input else req.text
+            if not req.streaming:
+                text, finish = self.llm.generate(req)
+                return self._outputs(req, prefix + text, finish)
+            if sender is None:
+                raise ValueError("streaming needs triton_config.decoupled: true in model.yaml")
+            first = [True]
+
+            def on_text(piece: str) -> None:
+                sender.send(self._outputs(req, (prefix if first[0] else "") + piece, None))
+                first[0] = False
+
+            _text_all, finish = self.llm.generate(req, on_text=on_text)
+            return self._outputs(req, "", finish) if (req.finish_reason or req.stop_reason) else None
+
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                sender = request.get_response_sender() if self.decoupled else None
+                try:
+                    response = self._run(request, sender)
+                except (ValueError, NasrtError) as exc:
+                    response = pb_utils.InferenceResponse(output_tensors=[],
+                                                          error=pb_utils.TritonError(f"tensorrt_llm: {exc}"))
+                if sender is None:
+                    responses.append(response)
+                elif response is None:
+                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                else:
+                    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return None if self.decoupled else responses
+
+    return TritonPythonModel
