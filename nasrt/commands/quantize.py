@@ -41,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow_external_files", action="store_true",
                    help="read weight files whose symlinks resolve outside --model_dir (refused by default)")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
-                   help="how FP8 scales are chosen: " + "; ".join(f"{r.name}: {r.description}"
-                                                                  for r in RECIPES.values())
-                   + f" (default {DEFAULT_RECIPE}: the best measured on SmolLM2)")
+                   help=("how FP8 scales are chosen: " + "; ".join(f"{r.name}: {r.description}"
+                                                                   for r in RECIPES.values())
+                         + f" (default {DEFAULT_RECIPE}: the best measured on SmolLM2)").replace("%", "%%"))
     p.add_argument("--bf16_budget", type=float, default=0.0,
                    help="keep the most FP8-sensitive linears, up to this fraction of all linear parameters, in "
                         "BF16 (exclude_modules of both exports); measures per-linear sensitivity")

@@ -83,7 +83,8 @@ def _interrupt(_signum, _frame) -> None:
     raise KeyboardInterrupt
 
 
-def _serve(repo, args: argparse.Namespace) -> None:
+def _serve(repo, args: argparse.Namespace, llmapi: bool = False) -> None:
+    from nasrt.deploy.triton.llmapi import query_hint
     from nasrt.deploy.triton.server import LocalTritonServer
 
     # SIGTERM (and SIGINT, even where a background shell ignored it) stops the server cleanly.
@@ -92,7 +93,10 @@ def _serve(repo, args: argparse.Namespace) -> None:
     with LocalTritonServer(repo, http_port=args.http_port, grpc_port=args.grpc_port,
                            metrics_port=args.metrics_port, ready_timeout=args.serve_timeout) as server:
         print(f"Triton is serving {repo} at {server.url} (log {server.log_path}); Ctrl-C stops it")
-        print(f"try: nasrt client --url {server.url} --chat --text 'What is the capital of France?'", flush=True)
+        if llmapi:  # no ensemble here: tensorrt_llm takes text itself
+            print(f"try: {query_hint(server.url)}", flush=True)
+        else:
+            print(f"try: nasrt client --url {server.url} --chat --text 'What is the capital of France?'", flush=True)
         try:
             while server.running:
                 time.sleep(1)
@@ -166,5 +170,5 @@ def _run_pytorch(args: argparse.Namespace) -> int:
     if args.serve:
         if not args.reference:
             raise ConfigError("--serve runs only --reference repositories (the local Triton has no TensorRT-LLM)")
-        _serve(repo.path, args)
+        _serve(repo.path, args, llmapi=True)
     return 0

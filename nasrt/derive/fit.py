@@ -15,13 +15,11 @@ DEFAULT_RIDGE = 1e-6
 
 
 class LeastSquares:
-    """Accumulates ``X^T X``, ``X^T Y`` and ``sum(Y^2)`` (float64) over batches; :meth:`solve` gives ``W`` with
-    ``y ≈ W x``."""
+    """Accumulates ``X^T X`` and ``X^T Y`` (float64) over batches; :meth:`solve` gives ``W`` with ``y ≈ W x``."""
 
     def __init__(self, n_in: int, n_out: int):
         self.xtx = torch.zeros(n_in, n_in, dtype=torch.float64)
         self.xty = torch.zeros(n_in, n_out, dtype=torch.float64)
-        self.yy = 0.0
         self.count = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -29,20 +27,7 @@ class LeastSquares:
         y2 = y.reshape(-1, y.shape[-1]).double()
         self.xtx += x2.T @ x2
         self.xty += x2.T @ y2
-        self.yy += float((y2 ** 2).sum())
         self.count += x2.shape[0]
-
-    def error(self, w: torch.Tensor) -> float:
-        """Normalised squared error ``sum((W x - y)^2) / sum(y^2)`` of weight ``w`` [out, in] on this data."""
-        wd = w.double()
-        sq = float((wd @ self.xtx * wd).sum()) - 2 * float((wd.T * self.xty).sum()) + self.yy
-        return max(sq, 0.0) / max(self.yy, 1e-30)
-
-    def merged(self, other: LeastSquares) -> LeastSquares:
-        out = LeastSquares(self.xtx.shape[0], self.xty.shape[1])
-        out.xtx, out.xty = self.xtx + other.xtx, self.xty + other.xty
-        out.yy, out.count = self.yy + other.yy, self.count + other.count
-        return out
 
     def solve(self, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
         """The ``[out, in]`` float32 weight of the ridge-regularised least-squares fit."""
@@ -52,20 +37,6 @@ class LeastSquares:
         lam = ridge * float(self.xtx.diagonal().mean()) + 1e-12
         a = self.xtx + lam * torch.eye(n, dtype=torch.float64)
         return torch.linalg.solve(a, self.xty).T.float().contiguous()
-
-
-#: Ridge values tried by :func:`fit_linear` (chosen on held-out calibration batches).
-RIDGE_GRID = (1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
-
-
-def fit_linear(train: LeastSquares, val: LeastSquares | None) -> tuple[torch.Tensor, float]:
-    """Least-squares weight on train + val data with the ridge that fits ``val`` best when trained on ``train``
-    alone (with little calibration data an H x H fit overfits otherwise). Returns the weight and the ridge."""
-    if val is None or not val.count or not train.count:
-        data = train if val is None or not val.count else val.merged(train)
-        return data.solve(), DEFAULT_RIDGE
-    best = min(RIDGE_GRID, key=lambda r: val.error(train.solve(r)))
-    return train.merged(val).solve(best), best
 
 
 def merge_kv_heads(w: torch.Tensor, kv_to: int, head_dim: int) -> torch.Tensor:

@@ -36,7 +36,7 @@ from nasrt.derive.candidates import (
     parent_state,
     sub_names,
 )
-from nasrt.derive.fit import ChannelStats, LeastSquares, distill, fit_linear
+from nasrt.derive.fit import ChannelStats, LeastSquares, distill
 from nasrt.derive.library import (
     DEFAULT_FFN_RATIOS,
     SUBBLOCKS,
@@ -65,9 +65,7 @@ MAX_BLD_STEPS = 500
 BLD_BATCHES = 4
 #: Sequences per forward slice in the fitting pass.
 FIT_BATCH = 8
-#: Every VAL_EVERY-th fit sequence is held out to choose the ridge of the least-squares fits.
-VAL_EVERY = 4
-WORK_VERSION = 2
+WORK_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -203,11 +201,9 @@ def _fit_layer(spec: ModelSpec, i: int, lib: dict[str, list[Candidate]], parent:
     hid = spec.hidden_size
     P = build_block(spec, i, la, parent)
     new = [c for sub in SUBBLOCKS for c in lib[sub] if not c.is_parent]
-    # (train, validation) least-squares data: every VAL_EVERY-th fit sequence validates the ridge
-    lin_a = (LeastSquares(hid, hid), LeastSquares(hid, hid)) if any(
-        c.sub == "attention" and c.attn.kind is AttnKind.LINEAR for c in new) else None
-    lin_f = (LeastSquares(hid, hid), LeastSquares(hid, hid)) if any(
-        c.sub == "ffn" and c.ffn.kind is FfnKind.LINEAR for c in new) else None
+    lin_a = LeastSquares(hid, hid) if any(c.sub == "attention" and c.attn.kind is AttnKind.LINEAR for c in new) \
+        else None
+    lin_f = LeastSquares(hid, hid) if any(c.sub == "ffn" and c.ffn.kind is FfnKind.LINEAR for c in new) else None
     chan = ChannelStats(la.ffn.intermediate_size) if any(
         c.sub == "ffn" and c.ffn.kind is FfnKind.MLP for c in new) else None
     bld: dict[str, list] = {"attention": [], "ffn": []}
@@ -216,13 +212,11 @@ def _fit_layer(spec: ModelSpec, i: int, lib: dict[str, list[Candidate]], parent:
         for k in range(0, h.shape[0], FIT_BATCH):
             x = h[k:k + FIT_BATCH]
             keep = opts.bld_steps > 0 and k // FIT_BATCH < BLD_BATCHES
-            val = torch.arange(k, k + x.shape[0]) % VAL_EVERY == VAL_EVERY - 1
             if P.self_attn is not None:
                 n = P.input_layernorm(x)
                 a = P.self_attn(hidden_states=n, attention_mask=None, position_embeddings=pos(x))[0]
                 if lin_a is not None:
-                    lin_a[0].add(n[~val], a[~val])
-                    lin_a[1].add(n[val], a[val])
+                    lin_a.add(n, a)
                 if keep:
                     bld["attention"].append(((n,), a))
                 x = x + a
@@ -236,8 +230,7 @@ def _fit_layer(spec: ModelSpec, i: int, lib: dict[str, list[Candidate]], parent:
                 else:
                     f = P.mlp(n2)
                 if lin_f is not None:
-                    lin_f[0].add(n2[~val], f[~val])
-                    lin_f[1].add(n2[val], f[val])
+                    lin_f.add(n2, f)
                 if keep:
                     bld["ffn"].append(((n2,), f))
                 x = x + f
@@ -245,11 +238,9 @@ def _fit_layer(spec: ModelSpec, i: int, lib: dict[str, list[Candidate]], parent:
     fitted: dict[str, torch.Tensor] = {}
     for c in new:
         if c.sub == "attention" and c.attn.kind is AttnKind.LINEAR:
-            fitted[fitted_key(c, "self_attn.linear_attn.weight")], ridge = fit_linear(*lin_a)
-            log.debug("layer %d linear attention: ridge %g", i, ridge)
+            fitted[fitted_key(c, "self_attn.linear_attn.weight")] = lin_a.solve()
         if c.sub == "ffn" and c.ffn.kind is FfnKind.LINEAR:
-            fitted[fitted_key(c, "mlp.linear_mlp.weight")], ridge = fit_linear(*lin_f)
-            log.debug("layer %d linear FFN: ridge %g", i, ridge)
+            fitted[fitted_key(c, "mlp.linear_mlp.weight")] = lin_f.solve()
     if chan is not None:
         fitted[ORDER_KEY] = chan.order(parent["mlp.down_proj.weight"])
     if opts.bld_steps > 0:

@@ -22,7 +22,7 @@ from nasrt.quantize.calib_data import (
 from nasrt.quantize.calibrate import AmaxTable, QuantSettings
 from nasrt.quantize.export import KV_SCALE_MODES, export_hf, export_trtllm, fp8_scales
 from nasrt.quantize.recipes import DEFAULT_RECIPE, all_units, get_recipe
-from nasrt.quantize.report import RECORD_NAME, build_record, evaluate
+from nasrt.quantize.report import RECORD_NAME, build_record, check_disjoint, evaluate
 from nasrt.quantize.sensitivity import choose_bf16_units, measure_sensitivity
 from nasrt.st_io import SafetensorsReader
 from nasrt.tensor_map import EMBEDDING
@@ -118,6 +118,11 @@ def quantize_checkpoint(model_dir: str | Path, output_dir: str | Path, opts: Qua
                               "float32 checkpoint")
     batches, sens_batches = calibration_sets(opts.tokenizer_dir or model_dir, spec, opts)
     eval_source, eval_body = _eval_text(opts)
+    if not opts.skip_eval:  # refuse an overlapping evaluation text before the (long) calibration
+        from nasrt.runtime.text import load_tokenizer as runtime_tokenizer
+
+        ids = runtime_tokenizer(opts.tokenizer_dir or model_dir)(eval_body, add_special_tokens=False)["input_ids"]
+        check_disjoint(batches, ids, what=f"evaluation text ({eval_source})")
     # Fail on the output name before the (long) calibration, not after.
     with atomic_output_dir(output_dir, overwrite, inputs=(model_dir,)) as tmp:
         log.info("calibrating %s (%d layers, %s) on %d samples, %s", model_dir, spec.num_layers, calib_dtype,

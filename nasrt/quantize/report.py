@@ -29,6 +29,17 @@ SENSITIVITY_MEASURE = ("mean per-token KL(BF16 || FP8) of the final next-token d
                        "calibration samples")
 
 
+#: What the TensorRT-LLM ``kv_cache_scaling_factor`` is, per ``--kv_cache_scales`` (the unified export always keeps
+#: the calibrated ``k_scale`` / ``v_scale``). ModelOpt's ``fp8_cast`` KV format (its default from 0.43) is no
+#: calibration at all: scale 1.0, so the cache clamps |k|, |v| at 448; ``clamped`` equals ``fp8_cast`` whenever the
+#: calibrated amax is below 448 and only grows the scale (no clamping of real values) when it is above.
+KV_RULES = {
+    "clamped": "max(k_amax, v_amax) / 448, raised to at least 1.0 (ModelOpt's TensorRT-LLM export rule; equals "
+               "fp8_cast's 1.0 unless the calibrated amax exceeds 448)",
+    "calibrated": "max(k_amax, v_amax) / 448 as calibrated (values beyond the calibrated amax are clamped)",
+}
+
+
 def _ngrams(ids: list[int], n: int) -> set[tuple[int, ...]]:
     return {tuple(ids[k:k + n]) for k in range(max(len(ids) - n + 1, 0))}
 
@@ -99,6 +110,7 @@ def build_record(*, recipe, settings, opts, calib_source: str, calib_samples: in
         "producer": {"name": "nasrt", "version": nasrt.__version__, "modelopt": modelopt_version},
         "recipe": {"name": recipe.name, "description": recipe.description, "qformat": settings.qformat,
                    "kv_cache_dtype": settings.kv_cache_dtype, "kv_cache_scales": opts.kv_cache_scales,
+                   "kv_cache_scale_rule": KV_RULES[opts.kv_cache_scales] if settings.kv else None,
                    "algorithms": {"weights": recipe.weight, "activations": recipe.activation,
                                   **({"activation_percentile": recipe.percentile}
                                      if recipe.activation == "percentile" else {}),

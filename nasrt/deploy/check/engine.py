@@ -11,6 +11,7 @@ from nasrt.arch import read_json
 from nasrt.deploy.check import Report
 from nasrt.deploy.check import trtllm_schema as S
 from nasrt.deploy.check.checkpoint import config_problems
+from nasrt.deploy.engine import has_engine_path
 from nasrt.errors import NasrtError
 
 _RANK_ENGINE = re.compile(r"^rank(\d+)\.engine$")
@@ -34,7 +35,8 @@ def check_engine(engine_dir: str | Path) -> Report:
         if key not in cfg:
             report.add(cfg_path, key, "missing (trtllm-build 1.2 writes version, pretrained_config, build_config)")
     version = cfg.get("version")
-    if version is not None and (not isinstance(version, str) or not version.startswith(("1.2.", "1.3.0rc"))):
+    if version is not None and (not isinstance(version, str) or not version.startswith(("1.2.", "1.3.0rc"))
+                                or not has_engine_path(version)):
         report.add(cfg_path, "version", f"{version!r}: not built by TensorRT-LLM 1.2 (engines are tied to the "
                    "TensorRT-LLM version that built them)")
     pretrained, build = cfg.get("pretrained_config"), cfg.get("build_config")

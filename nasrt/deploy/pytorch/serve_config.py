@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nasrt.arch import ModelSpec, from_hf_config, read_json
-from nasrt.atomic import atomic_output_dir, write_json
+from nasrt.atomic import atomic_output_dir, check_not_input, write_json
 from nasrt.deploy.plan import Plan, PlanRequest, plan_memory, render
 from nasrt.deploy.pytorch.llm_api import SERVE_YAML_ARGS, check_args
 from nasrt.errors import ConfigError
@@ -88,7 +88,8 @@ def plan_request(spec: ModelSpec, dtype: str, ckpt_kv: str, req: ServeRequest) -
     if req.batch is not None:
         return base
     first = plan_memory(spec, base)
-    batch = min(MAX_DEFAULT_BATCH, first.max_batch or 1) if first.fits else 1
+    cap = MAX_DEFAULT_BATCH if first.max_batch is None else first.max_batch  # None: no KV cache at all
+    batch = max(1, min(MAX_DEFAULT_BATCH, cap)) if first.fits else 1
     while batch > 1 and not plan_memory(spec, dataclasses.replace(base, batch=batch)).fits:
         batch -= 1  # the CUDA-graph pool grows with the batch
     return dataclasses.replace(base, batch=batch)
@@ -144,6 +145,7 @@ def write_serve_config(model_dir: str | Path, output_dir: str | Path, req: Serve
                        overwrite: bool = False, host: str = "127.0.0.1", port: int = 8000) -> ServeConfig:
     """Write ``output_dir/trtllm-serve.yaml`` and ``plan.json`` atomically; a plan that does not fit is refused
     unless ``force``."""
+    check_not_input(output_dir, (model_dir,))  # before any work
     sc = plan_serve_config(model_dir, req, output_dir, host, port)
     if not sc.plan.fits:
         if not force:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import nasrt
-from nasrt.atomic import atomic_output_dir, write_json
+from nasrt.atomic import atomic_output_dir, check_not_input, write_json
 from nasrt.deploy.pytorch.llm_api import MODEL_YAML_ARGS, check_args
 from nasrt.deploy.pytorch.serve_config import ServeRequest, plan_serve_config, yaml_text
 from nasrt.deploy.triton import signatures as sig
@@ -45,6 +45,17 @@ from nasrt.deploy.triton.models.llmapi_reference import model_class
 
 TritonPythonModel = model_class(Path(__file__).with_name("model.yaml"))
 '''
+
+#: The request printed by ``--serve`` (upstream's llmapi inputs; no chat template is applied to ``text_input``).
+QUERY_BODY = {"text_input": "The capital of France is", "sampling_param_max_tokens": 16,
+              "sampling_param_exclude_input_from_output": True}
+
+
+def query_hint(url: str) -> str:
+    """How to query a served llmapi repository: a ``curl`` POST to ``tensorrt_llm``'s generate endpoint."""
+    import json
+
+    return f"curl -s {url}/v2/models/{MODEL_NAME}/generate -d '{json.dumps(QUERY_BODY)}'"
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,7 @@ def write_llmapi_repository(model_dir: str | Path, output_dir: str | Path, req: 
     """Write the llmapi repository for ``model_dir`` (HF / ModelOpt FP8 dir), sized by the PyTorch-backend plan."""
     model_dir = Path(model_dir).resolve()
     output_dir = Path(output_dir).resolve()
+    check_not_input(output_dir, (model_dir,))  # before any work
     sc = plan_serve_config(model_dir, req or ServeRequest(), output_dir)
     if not sc.plan.fits:
         if not force:

@@ -4,7 +4,11 @@ runtime on the checkpoint ``model.yaml`` names (the HF dir or ModelOpt FP8 check
 ``nasrt triton --backend pytorch --reference`` writes ``tensorrt_llm/1/model.py`` as a shim calling
 :func:`model_class` with its ``model.yaml``. As upstream's model does, :meth:`auto_complete_config` takes
 ``max_batch_size`` and ``decoupled`` from ``model.yaml``'s ``triton_config``, and no chat template is applied to
-``text_input``. Streaming (``streaming: true``, decoupled) sends each new piece of text as one response. Features the
+``text_input``. Requests run on one shared batching engine (:mod:`nasrt.runtime.batcher`, driven through
+:mod:`nasrt.deploy.triton.models.batched` as ``reference_llm`` is): concurrent requests decode together,
+``sampling_param_max_tokens`` is bounded by the context (``max_seq_len`` of ``model.yaml`` where given), and a
+request Triton reports cancelled is dropped at the next step. Streaming (``streaming: true``, decoupled) sends each
+new piece of text as one response as soon as it is produced. Features the
 reference runtime lacks (best_of, penalties, LoRA, images, log-probabilities, perf metrics) are refused with an error
 instead of being ignored; ``stop_reason`` is returned empty.
 """
@@ -12,24 +16,26 @@ instead of being ignored; ``stop_reason`` is returned empty.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nasrt.errors import NasrtError
+from nasrt.deploy.triton.models import batched
+from nasrt.deploy.triton.models.batched import pb_utils  # Triton's Python-backend utils there, else None
 
-try:  # only importable inside Triton's Python-backend stub
-    import triton_python_backend_utils as pb_utils
-except ImportError:
-    pb_utils = None
+if TYPE_CHECKING:
+    from nasrt.runtime.batcher import Handle
 
 log = logging.getLogger(__name__)
 
 #: Upstream's LLM-API SamplingParams default for max_tokens.
 DEFAULT_MAX_TOKENS = 32
+#: rows decoded together when model.yaml names no max_batch_size
+DEFAULT_BATCH = 8
 #: Optional inputs and the value that means "feature off"; anything else is refused.
 NEUTRAL = {"sampling_param_best_of": 1, "sampling_param_frequency_penalty": 0.0,
            "sampling_param_presence_penalty": 0.0, "sampling_param_return_perf_metrics": False,
@@ -105,47 +111,86 @@ def sampling(req: GenerateRequest):
 
 
 class LlmapiReference:
-    """The model ``model.yaml`` names, its tokenizer, and generation with the reference runtime."""
+    """The model ``model.yaml`` names, its tokenizer, and one shared batching engine
+    (:class:`~nasrt.runtime.batcher.BatchingEngine`) over the reference runtime."""
 
     def __init__(self, config: dict[str, Any]):
         from nasrt.runtime import load_model
+        from nasrt.runtime.batcher import BatchingEngine
         from nasrt.runtime.text import load_tokenizer
 
         self.model_dir = str(config["model"])
         self.max_seq_len = int(config.get("max_seq_len") or 0) or None
         self.model = load_model(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir, flag="model")
+        self._tok_lock = threading.Lock()  # the tokenizer is used from Triton's thread and the engine's
+        batch = int(config.get("max_batch_size") or 0) or DEFAULT_BATCH
+        self.engine = BatchingEngine(self.model, max_batch_size=batch, max_seq_len=self.max_seq_len).start()
+
+    def encode(self, text: str) -> list[int]:
+        with self._tok_lock:
+            return list(self.tokenizer(text)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
         from nasrt.runtime.text import decode
 
-        return decode(self.tokenizer, ids)
+        with self._tok_lock:
+            return decode(self.tokenizer, ids)
 
-    def generate(self, req: GenerateRequest, on_text: Callable[[str], None] | None = None) -> tuple[str, str]:
-        """(text_output, finish_reason); ``on_text`` receives each new final piece of text (streaming)."""
-        from nasrt.runtime import generate
+    def submit(self, req: GenerateRequest, on_text: Callable[[str], None] | None = None,
+               on_done: Callable[[Handle, str], None] | None = None,
+               is_cancelled: Callable[[], bool] | None = None) -> Handle:
+        """Queue ``req`` (validated first: errors are raised here). ``on_text`` receives each new final piece of
+        text (streaming); ``on_done(handle, text)`` runs once with the whole generated text."""
+        from nasrt.runtime.batcher import GenerationRequest
 
-        ids = list(self.tokenizer(req.text)["input_ids"])
+        ids = self.encode(req.text)
         if not ids:
             raise ValueError("text_input encodes to no tokens")
-        if self.max_seq_len is not None and len(ids) + req.max_tokens > self.max_seq_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) + sampling_param_max_tokens ({req.max_tokens}) exceeds "
-                             f"max_seq_len {self.max_seq_len}")
-        shown: list[int] = []
-        sent = [""]
+        context = self.engine.context
+        if len(ids) >= context:
+            where = f"max_seq_len {self.max_seq_len} (model.yaml)" if context == self.max_seq_len else \
+                f"the model's context of {context} tokens"
+            raise ValueError(f"text_input has {len(ids)} tokens, leaving no room for output within {where}")
+        stream = batched.TextStream(self.decode) if on_text is not None else None
 
-        def on_token(_row: int, token: int) -> None:
-            shown.append(token)
-            text = self.decode(shown)
-            if on_text is not None and text.startswith(sent[0]) and not text.endswith("\ufffd"):
-                on_text(text[len(sent[0]):])
-                sent[0] = text
+        def on_token(token: int) -> None:  # engine thread; an exception cancels the request
+            piece = stream.push(token)
+            if piece:
+                on_text(piece)
 
-        out = generate(self.model, [ids], sampling(req), on_token=on_token, decode=self.decode)[0]
-        text = self.decode(out)
-        if on_text is not None and text.startswith(sent[0]) and len(text) > len(sent[0]):
-            on_text(text[len(sent[0]):])
-        return text, "length" if len(out) >= req.max_tokens else "stop"
+        def done(handle: Handle) -> None:  # engine thread
+            try:
+                text = self.decode(handle.tokens) if handle.error is None else ""
+            except Exception:  # noqa: BLE001 -- on_done must still run, or the request never ends
+                log.exception("decoding the output of request %d failed", handle.id)
+                text = ""
+            if stream is not None and handle.finish_reason in ("stop", "length"):
+                piece = stream.rest(text)
+                try:
+                    if piece:
+                        on_text(piece)
+                except Exception:  # noqa: BLE001 -- the client is gone; the final response says what it can
+                    log.info("could not send the last piece of request %d", handle.id, exc_info=True)
+            if on_done is not None:
+                on_done(handle, text)
+
+        request = GenerationRequest(ids, sampling(req), on_token=on_token if stream is not None else None,
+                                    on_done=done, decode=self.decode, is_cancelled=is_cancelled)
+        bounded = self.engine.check(request)
+        if bounded < req.max_tokens:
+            log.info("sampling_param_max_tokens %d bounded to %d by the context of %d tokens", req.max_tokens,
+                     bounded, context)
+        return self.engine.submit(request)
+
+    def generate(self, req: GenerateRequest) -> tuple[str, str]:
+        """Blocking: (text_output, finish_reason)."""
+        handle = self.submit(req)
+        handle.wait()
+        return self.decode(handle.tokens), handle.finish_reason
+
+    def close(self, timeout: float = 2.0) -> None:
+        self.engine.close(timeout)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -178,6 +223,7 @@ def model_class(model_yaml: Path) -> type:
         def initialize(self, args: dict) -> None:
             import json
 
+            batched.forward_logs()
             self.decoupled = pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"]))
             self.llm = LlmapiReference(_read_yaml(model_yaml))
 
@@ -189,44 +235,38 @@ def model_class(model_yaml: Path) -> type:
                 tensors.append(pb_utils.Tensor("stop_reason", _strings("")))
             return pb_utils.InferenceResponse(output_tensors=tensors)
 
-        def _run(self, request, sender):
-            def get(name):
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                return None if tensor is None else tensor.as_numpy()
-
-            req = parse_request(get)
+        def _start(self, request, send, finish, is_cancelled) -> None:
+            """Parse ``request`` and queue it on the engine; ``finish`` gets its last response (engine thread)."""
+            req = parse_request(batched.input_getter(request))
             if req.cancelled:
-                return self._outputs(req, "", "cancelled")
-            prefix = "" if req.exclude_input else req.text
-            if not req.streaming:
-                text, finish = self.llm.generate(req)
-                return self._outputs(req, prefix + text, finish)
-            if sender is None:
+                finish(self._outputs(req, "", "cancelled"))
+                return
+            if req.streaming and send is None:
                 raise ValueError("streaming needs triton_config.decoupled: true in model.yaml")
+            prefix = "" if req.exclude_input else req.text
             first = [True]
 
-            def on_text(piece: str) -> None:
-                sender.send(self._outputs(req, (prefix if first[0] else "") + piece, None))
+            def on_text(piece: str) -> None:  # engine thread; an exception cancels the request
+                send(self._outputs(req, (prefix if first[0] else "") + piece, None))
                 first[0] = False
 
-            _text_all, finish = self.llm.generate(req, on_text=on_text)
-            return self._outputs(req, "", finish) if (req.finish_reason or req.stop_reason) else None
+            def final(handle, text: str):
+                failed = batched.failure_response([handle])
+                if failed is not None:
+                    return failed
+                if not req.streaming:
+                    return self._outputs(req, prefix + text, handle.finish_reason)
+                return self._outputs(req, "", handle.finish_reason) if (req.finish_reason or req.stop_reason) else None
+
+            def on_done(handle, text: str) -> None:  # engine thread
+                batched.finish_with(finish, lambda: final(handle, text))
+
+            self.llm.submit(req, on_text if req.streaming else None, on_done, is_cancelled)
 
         def execute(self, requests):
-            responses = []
-            for request in requests:
-                sender = request.get_response_sender() if self.decoupled else None
-                try:
-                    response = self._run(request, sender)
-                except (ValueError, NasrtError) as exc:
-                    response = pb_utils.InferenceResponse(output_tensors=[],
-                                                          error=pb_utils.TritonError(f"tensorrt_llm: {exc}"))
-                if sender is None:
-                    responses.append(response)
-                elif response is None:
-                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                else:
-                    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            return None if self.decoupled else responses
+            return batched.execute(requests, self.decoupled, self._start)
+
+        def finalize(self) -> None:
+            self.llm.close()
 
     return TritonPythonModel

@@ -21,15 +21,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nasrt.errors import NasrtError
+from nasrt.deploy.triton.models import batched
+from nasrt.deploy.triton.models.batched import pb_utils  # Triton's Python-backend utils there, else None
 
 if TYPE_CHECKING:
     from nasrt.runtime.batcher import Handle
-
-try:  # only importable inside Triton's Python-backend stub
-    import triton_python_backend_utils as pb_utils
-except ImportError:
-    pb_utils = None
 
 log = logging.getLogger(__name__)
 
@@ -195,41 +191,13 @@ class ReferenceLlm:
         self.engine.close(timeout)
 
 
-def _cancelled_error():
-    code = getattr(pb_utils.TritonError, "CANCELLED", None)
-    message = "tensorrt_llm: request cancelled"
-    return pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-
-
-class TritonLogHandler(logging.Handler):
-    """Forwards nasrt's log records into Triton's own log (``pb_utils.Logger``), so request admissions and
-    cancellations show in the server log."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            message = self.format(record)
-            if record.levelno >= logging.ERROR:
-                pb_utils.Logger.log_error(message)
-            elif record.levelno >= logging.WARNING:
-                pb_utils.Logger.log_warn(message)
-            else:
-                pb_utils.Logger.log_info(message)
-        except Exception:  # noqa: BLE001 -- logging must never break serving
-            self.handleError(record)
-
-
 class TritonPythonModel:
-    """Triton entry points. Decoupled: ``execute`` only queues the requests on the batching engine and returns;
-    responses are sent from the engine thread as tokens come, so requests arriving meanwhile join the running
-    batch. Not decoupled: one ``execute`` call's requests are batched together and answered when all finish."""
+    """Triton entry points. ``execute`` only queues the requests on the batching engine and returns (decoupled or
+    not, :func:`~nasrt.deploy.triton.models.batched.execute`); responses are sent from the engine thread as tokens
+    come, so requests arriving meanwhile join the running batch."""
 
     def initialize(self, args: dict) -> None:
-        nasrt_log = logging.getLogger("nasrt")
-        if not any(isinstance(h, TritonLogHandler) for h in nasrt_log.handlers):
-            handler = TritonLogHandler()
-            handler.setFormatter(logging.Formatter("nasrt %(name)s: %(message)s"))
-            nasrt_log.addHandler(handler)
-            nasrt_log.setLevel(logging.INFO)
+        batched.forward_logs()
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
         if not params.get("checkpoint_dir"):
@@ -246,78 +214,36 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
 
     @staticmethod
-    def _error(exc: BaseException):
-        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"tensorrt_llm: {exc}"))
-
-    @staticmethod
     def _parse(request, exclude_default: bool) -> LlmRequest:
-        def get(name):
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            return None if tensor is None else tensor.as_numpy()
-
-        return parse_request(get, exclude_default)
+        return parse_request(batched.input_getter(request), exclude_default)
 
     def _final(self, req: LlmRequest, handles: list[Handle]):
         """The last response of a request: its output, its error, or the cancellation error."""
-        if any(h.finish_reason == "cancelled" for h in handles):
-            return pb_utils.InferenceResponse(output_tensors=[], error=_cancelled_error())
-        failed = next((h.error for h in handles if h.error is not None), None)
+        failed = batched.failure_response(handles)
         if failed is not None:
-            return self._error(failed)
+            return failed
         return None if req.streaming else self._response(output_arrays(req, [h.tokens for h in handles]))
 
-    def _start_decoupled(self, request) -> None:
-        sender = request.get_response_sender()
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        try:
-            req = self._parse(request, self.exclude_default)
-            if req.streaming and len(req.prompts) != 1:
-                raise ValueError("streaming takes one prompt per request")
-        except (ValueError, NasrtError) as exc:
-            sender.send(self._error(exc), flags=final)
-            return
-        poll = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", None)
+    def _start(self, request, send, finish, is_cancelled) -> None:
+        """Parse ``request`` and queue it on the engine; ``finish`` gets its last response (engine thread)."""
+        req = self._parse(request, self.exclude_default)
+        if req.streaming and send is None:
+            raise ValueError("streaming needs the model deployed with decoupled: true")
+        if req.streaming and len(req.prompts) != 1:
+            raise ValueError("streaming takes one prompt per request")
 
         def on_token(_row: int, token: int) -> None:  # engine thread; an exception cancels the request
             if token != req.end_id:
                 one = np.array([[[token]]], dtype=np.int32)
-                sender.send(self._response({"output_ids": one, "sequence_length": np.array([[1]], np.int32)}))
+                send(self._response({"output_ids": one, "sequence_length": np.array([[1]], np.int32)}))
 
         def on_done(handles: list[Handle]) -> None:  # engine thread
-            response = self._final(req, handles)
-            if response is None:
-                sender.send(flags=final)
-            else:
-                sender.send(response, flags=final)
+            batched.finish_with(finish, lambda: self._final(req, handles))
 
-        try:
-            self.llm.submit(req, on_token if req.streaming else None, on_done, poll)
-        except (ValueError, NasrtError) as exc:
-            sender.send(self._error(exc), flags=final)
+        self.llm.submit(req, on_token if req.streaming else None, on_done, is_cancelled)
 
     def execute(self, requests):
-        if self.decoupled:
-            for request in requests:
-                self._start_decoupled(request)
-            return None
-        pending = []
-        for request in requests:
-            try:
-                req = self._parse(request, self.exclude_default)
-                if req.streaming:
-                    raise ValueError("streaming needs the model deployed with decoupled: true")
-                pending.append((req, self.llm.submit(req, is_cancelled=getattr(request, "is_cancelled", None))))
-            except (ValueError, NasrtError) as exc:
-                pending.append((None, exc))
-        responses = []
-        for req, handles in pending:
-            if req is None:
-                responses.append(self._error(handles))
-                continue
-            for h in handles:
-                h.finished()
-            responses.append(self._final(req, handles))
-        return responses
+        return batched.execute(requests, self.decoupled, self._start)
 
     def finalize(self) -> None:
         self.llm.close()
