@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from nasrt import cli
-from nasrt.deploy.serve.server import free_port
+from nasrt.deploy.serve.server import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow  # one model load + a few dozen short generations (~1-2 min on 2 busy cores)
 
@@ -38,17 +38,9 @@ def server(smollm2, tmp_path_factory):
                                  str(port), "--served_model_name", NAME, "--max_batch_size", "8",
                                  "--max_seq_len", str(CONTEXT)], stdout=logf, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"nasrt serve did not come up:\n{log_path.read_text()}")
-        time.sleep(0.3)
+    if not wait_healthy(url, proc, 300):
+        proc.kill()
+        pytest.fail(f"nasrt serve did not come up:\n{log_path.read_text()}")
     proc.log_path = log_path
     proc.url = url
     try:

@@ -195,10 +195,13 @@ def test_huge_layer_count_fails_fast_in_bounded_memory(layers, synthetic_copy, t
     cfg["num_hidden_layers"] = layers
     cfg["block_configs"] = cfg["block_configs"] * (layers // 8 if layers < 10**6 else 1)
     (synthetic_copy / "config.json").write_text(json.dumps(cfg))
-    code = ("import sys, resource; from nasrt.cli import main; "
+    # VmHWM is this process's own peak RSS; ru_maxrss would include the parent's (subprocess spawns by vfork + exec,
+    # and Linux carries the pre-exec high-water mark into ru_maxrss), so a big pytest parent would fail this test.
+    code = ("import sys; from nasrt.cli import main; "
             f"rc = main(['convert', '--model_dir', {str(synthetic_copy)!r}, '--output_dir', "
             f"{str(tmp_path / 'ck')!r}]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+            "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0].split()[1]; "
+            "print(hwm, file=sys.stderr); sys.exit(rc)")
     proc, seconds, _ = _child(code, timeout=120)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr

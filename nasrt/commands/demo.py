@@ -37,12 +37,10 @@ def _serve_once(model_dir: Path, prompt: str, timeout: float = 600.0) -> None:
     """Start ``nasrt serve`` on loopback, ask one chat question with the ``openai`` client, stop the server."""
     import subprocess
     import sys
-    import time
 
     import openai
-    import requests
 
-    from nasrt.deploy.serve.server import free_port
+    from nasrt.deploy.serve.server import free_port, wait_healthy
     from nasrt.errors import NasrtError
 
     port = free_port()
@@ -52,16 +50,8 @@ def _serve_once(model_dir: Path, prompt: str, timeout: float = 600.0) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "nasrt", *argv])
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise NasrtError(f"demo: nasrt serve did not come up on {url}")
-            time.sleep(0.5)
+        if not wait_healthy(url, proc, timeout):
+            raise NasrtError(f"demo: nasrt serve did not come up on {url}")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=timeout)
         reply = client.chat.completions.create(model=model_dir.name, messages=[{"role": "user", "content": prompt}],
                                                max_tokens=32, temperature=0)

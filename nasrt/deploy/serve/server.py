@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -109,6 +110,21 @@ def serve_forever(served: ServedModel, host: str, port: int) -> None:
     if not server.started:
         raise ConfigError(f"could not serve on {host}:{port} (in use, or not an address of this machine?)")
     log.info("server on %s:%d stopped", host, port)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """Poll ``url``/health until it answers 200 (True), ``proc`` exits or ``timeout`` seconds pass (False)."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
