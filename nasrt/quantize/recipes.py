@@ -12,6 +12,7 @@ the same searched amax: what is exported is what was optimised (both exports the
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -183,26 +184,14 @@ def _sample(w: torch.Tensor, cw: torch.Tensor | None) -> list[tuple[torch.Tensor
             (flat[idx], None if cw is None else cw[idx % cols], mult)]
 
 
-@torch.no_grad()
-def search_weight_amax(weights: list[torch.Tensor],
-                       channel_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-    """The amax (``m * max|W|`` over the group) minimising ``sum (W - deq(q(W)))^2 [* E[x_j^2]]`` over the group.
-
-    Returns ``(amax, m)``. Ties go to the smaller multiplier; the grid includes 1.0 (ModelOpt's max).
-    """
-    base = torch.stack([w.abs().max().float() for w in weights]).max()
-    cw = None if channel_weight is None else channel_weight.float().reshape(-1)
-    samples = [part for w in weights for part in _sample(w, cw)]
+def _search_multiplier(base: torch.Tensor, error: Callable[[torch.Tensor], float]) -> tuple[torch.Tensor, float]:
+    """``(base * m, m)`` for the multiplier ``m`` minimising ``error(scale)``: the coarse grid, then fine steps
+    around its best; each multiplier is evaluated once, and ties go to the earlier (smaller) candidate."""
     errors: dict[float, float] = {}
 
     def err(m: float) -> float:
         if m not in errors:
-            s = scale_from_amax(base * m)
-            total = 0.0
-            for x, c, k in samples:
-                d = (dequantize(quantize(x, s), s) - x).pow(2)
-                total += k * float((d * c).sum() if c is not None else d.sum())
-            errors[m] = total
+            errors[m] = error(scale_from_amax(base * m))
         return errors[m]
 
     def pick(cands) -> float:
@@ -215,6 +204,27 @@ def search_weight_amax(weights: list[torch.Tensor],
     coarse = pick(COARSE_MULTIPLIERS)
     best = pick([coarse] + [coarse * 2.0 ** f for f in FINE_STEPS])
     return (base * best).to(torch.float32), best
+
+
+@torch.no_grad()
+def search_weight_amax(weights: list[torch.Tensor],
+                       channel_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """The amax (``m * max|W|`` over the group) minimising ``sum (W - deq(q(W)))^2 [* E[x_j^2]]`` over the group.
+
+    Returns ``(amax, m)``. Ties go to the smaller multiplier; the grid includes 1.0 (ModelOpt's max).
+    """
+    base = torch.stack([w.abs().max().float() for w in weights]).max()
+    cw = None if channel_weight is None else channel_weight.float().reshape(-1)
+    samples = [part for w in weights for part in _sample(w, cw)]
+
+    def err(s: torch.Tensor) -> float:
+        total = 0.0
+        for x, c, k in samples:
+            d = (dequantize(quantize(x, s), s) - x).pow(2)
+            total += k * float((d * c).sum() if c is not None else d.sum())
+        return total
+
+    return _search_multiplier(base, err)
 
 
 @torch.no_grad()
@@ -231,24 +241,11 @@ def search_weight_amax_output(weights: list[torch.Tensor], x: torch.Tensor) -> t
         top = int(w.abs().amax(1).argmax())
         parts.append((w[rows], w.shape[0] / len(rows)))
         parts.append((w[top:top + 1], 1.0))
-    errors: dict[float, float] = {}
 
-    def err(m: float) -> float:
-        if m not in errors:
-            s = scale_from_amax(base * m)
-            errors[m] = sum(k * float((x @ (dequantize(quantize(w, s), s) - w).T).pow(2).sum()) for w, k in parts)
-        return errors[m]
+    def err(s: torch.Tensor) -> float:
+        return sum(k * float((x @ (dequantize(quantize(w, s), s) - w).T).pow(2).sum()) for w, k in parts)
 
-    def pick(cands) -> float:
-        best = None
-        for m in cands:
-            if best is None or err(m) < err(best) * (1 - 1e-12):
-                best = m
-        return best
-
-    coarse = pick(COARSE_MULTIPLIERS)
-    best = pick([coarse] + [coarse * 2.0 ** f for f in FINE_STEPS])
-    return (base * best).to(torch.float32), best
+    return _search_multiplier(base, err)
 
 
 def apply_recipe(table: dict, module: torch.nn.Module, prefix: str, units: list[LinearUnit],
