@@ -10,7 +10,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +145,34 @@ def _finish_reason(handle: Handle) -> str:
     return "length" if handle.finish_reason == "length" else "stop"
 
 
+def _event_stream(kind: str, rid: str, started: float, job: _Job, body: _Sampling, opening: list[str],
+                  chunk: Callable[..., str]) -> StreamingResponse:
+    """Server-sent events of one streamed job: ``opening``, ``chunk(piece)`` per text piece, ``chunk(None, finish)``,
+    ``chunk(None, usage=...)`` when asked, ``[DONE]``; an error becomes an error event, and the job is cancelled
+    when the client goes away before it finished."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            for first in opening:
+                yield first
+            async for piece in job.stream():
+                yield chunk(piece)
+            handle = job.done.result()
+            yield chunk(None, _finish_reason(handle))
+            if body.stream_options is not None and body.stream_options.include_usage:
+                yield chunk(None, usage=_usage([handle]))
+            yield "data: [DONE]\n\n"
+            _log_done(kind, rid, [handle], started)
+        except ApiError as exc:
+            yield f"data: {json.dumps(exc.body())}\n\n"
+        finally:
+            if not job.handle.done:
+                job.handle.cancel()
+                log.info("%s %s: client went away; request cancelled", kind, rid)
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 def create_app(served: ServedModel) -> FastAPI:
     """The FastAPI application serving ``served``."""
     app = FastAPI(title="nasrt serve", summary="OpenAI-compatible API over nasrt's reference runtime")
@@ -195,25 +223,10 @@ def create_app(served: ServedModel) -> FastAPI:
             return _sse(ChatCompletionChunk(id=rid, created=created, model=served.name,
                                             object="chat.completion.chunk", choices=choices, usage=usage))
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                yield chunk(ChoiceDelta(role="assistant", content=""))
-                async for piece in job.stream():
-                    yield chunk(ChoiceDelta(content=piece))
-                handle = job.done.result()
-                yield chunk(ChoiceDelta(), _finish_reason(handle))
-                if body.stream_options is not None and body.stream_options.include_usage:
-                    yield chunk(ChoiceDelta(), usage=_usage([handle]))
-                yield "data: [DONE]\n\n"
-                _log_done("chat", rid, [handle], started)
-            except ApiError as exc:
-                yield f"data: {json.dumps(exc.body())}\n\n"
-            finally:
-                if not job.handle.done:
-                    job.handle.cancel()
-                    log.info("chat %s: client went away; request cancelled", rid)
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return _event_stream("chat", rid, started, job, body,
+                             [chunk(ChoiceDelta(role="assistant", content=""))],
+                             lambda text, finish=None, usage=None: chunk(
+                                 ChoiceDelta() if text is None else ChoiceDelta(content=text), finish, usage))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -242,25 +255,7 @@ def create_app(served: ServedModel) -> FastAPI:
             return _sse(Completion.model_construct(id=rid, created=created, model=served.name,
                                                    object="text_completion", choices=choices, usage=usage))
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                if echo[0]:
-                    yield chunk(echo[0])
-                async for piece in job.stream():
-                    yield chunk(piece)
-                handle = job.done.result()
-                yield chunk("", _finish_reason(handle))
-                if body.stream_options is not None and body.stream_options.include_usage:
-                    yield chunk("", usage=_usage([handle]))
-                yield "data: [DONE]\n\n"
-                _log_done("completion", rid, [handle], started)
-            except ApiError as exc:
-                yield f"data: {json.dumps(exc.body())}\n\n"
-            finally:
-                if not job.handle.done:
-                    job.handle.cancel()
-                    log.info("completion %s: client went away; request cancelled", rid)
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return _event_stream("completion", rid, started, job, body, [chunk(echo[0])] if echo[0] else [],
+                             lambda text, finish=None, usage=None: chunk("" if text is None else text, finish, usage))
 
     return app
