@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nasrt.errors import CheckpointError, ConfigError
+from nasrt.errors import CheckpointError, ConfigError, NasrtError
 
 TARGETS = ("checkpoint", "engine", "triton")
 
@@ -41,6 +41,16 @@ class Report:
 
     def add(self, where: str | Path, what: str, message: str) -> None:
         self.problems.append(Problem(str(where), what, message))
+
+    def read_json(self, path: Path, what: str = "config.json", where: str | Path | None = None) -> dict[str, Any] | None:
+        """The JSON at ``path``, or ``None`` with the reason added as a problem of ``what`` at ``where`` (``path``)."""
+        from nasrt.arch import read_json
+
+        try:
+            return read_json(path)
+        except NasrtError as exc:
+            self.add(path if where is None else where, what, str(exc))
+            return None
 
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "path": str(self.path), "ok": self.ok,

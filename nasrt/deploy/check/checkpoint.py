@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from nasrt.arch import ModelSpec, from_trtllm_config, read_json
+from nasrt.arch import ModelSpec, from_trtllm_config
 from nasrt.deploy.check import Report
 from nasrt.deploy.check import trtllm_schema as S
 from nasrt.errors import NasrtError
@@ -246,10 +246,8 @@ def check_checkpoint(ckpt_dir: str | Path) -> Report:
     ckpt_dir = Path(ckpt_dir)
     report = Report("checkpoint", ckpt_dir)
     cfg_path = ckpt_dir / "config.json"
-    try:
-        cfg = read_json(cfg_path)
-    except NasrtError as exc:
-        report.add(cfg_path, "config.json", str(exc))
+    cfg = report.read_json(cfg_path)
+    if cfg is None:
         return report
     layout = config_problems(cfg, str(cfg_path), report)
     try:

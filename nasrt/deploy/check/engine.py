@@ -7,12 +7,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from nasrt.arch import read_json
 from nasrt.deploy.check import Report
 from nasrt.deploy.check import trtllm_schema as S
 from nasrt.deploy.check.checkpoint import config_problems
 from nasrt.deploy.engine import has_engine_path
-from nasrt.errors import NasrtError
 
 _RANK_ENGINE = re.compile(r"^rank(\d+)\.engine$")
 
@@ -26,10 +24,8 @@ def check_engine(engine_dir: str | Path) -> Report:
     engine_dir = Path(engine_dir)
     report = Report("engine", engine_dir)
     cfg_path = engine_dir / "config.json"
-    try:
-        cfg = read_json(cfg_path)
-    except NasrtError as exc:
-        report.add(cfg_path, "config.json", str(exc))
+    cfg = report.read_json(cfg_path)
+    if cfg is None:
         return report
     for key in S.ENGINE_SECTIONS:
         if key not in cfg:

@@ -79,10 +79,8 @@ def _engine_limits(path: Path, msg: Message, params: dict[str, str], report: Rep
         report.add(path, "parameters.gpt_model_path", f"{engine}: no engine config.json there ('Decoder (GPT) model "
                    "path ... does not exist')")
         return
-    try:
-        cfg = read_json(cfg_path)
-    except NasrtError as exc:
-        report.add(path, "parameters.gpt_model_path", str(exc))
+    cfg = report.read_json(cfg_path, "parameters.gpt_model_path", path)
+    if cfg is None:
         return
     build = cfg.get("build_config") if isinstance(cfg.get("build_config"), dict) else {}
     mb, eb = _int(first(msg, "max_batch_size", 0)), build.get("max_batch_size")
