@@ -8,7 +8,7 @@ same calibration batches, each in a fresh child process so its peak RSS (``VmHWM
 
 * layer-wise: ``calibrate_layerwise`` (one block at a time from the safetensors);
 * whole model: ``calibrate_whole`` (everything loaded, one ``mtq.quantize``; ModelOpt's usual flow);
-* layer-wise with the new default recipe (searched weight scales; issue 10), against the old default ``max``.
+* layer-wise with the new default recipe (GPTQ-rounded FP8 weights; issue 10), against the old default ``max``.
 
 All timings cover loading the weights and calibration (not the Python imports); the modes run interleaved
 ``--repeat`` times and the best time / highest peak of each is used, since the CPUs may be shared. Prints the peak RSS of both,
@@ -36,7 +36,7 @@ PATTERN = ("0:g8/1.3125 1:L/1.3125 2:N/1.3125 3:L/2.625 4:N/1.3125 5:L/1.3125 6:
 GB = 1 << 30
 
 CHILD = r"""
-import json, sys, time
+import json, pathlib, sys, time
 t_import = time.perf_counter()
 import torch
 from safetensors.torch import save_file
@@ -60,8 +60,13 @@ t0 = time.perf_counter()
 if mode.startswith("layerwise"):
     from nasrt.quantize.layerwise import calibrate_layerwise
     from nasrt.quantize.recipes import DEFAULT_RECIPE, get_recipe
+    from nasrt.quantize.gptq import RoundedWeights
     recipe = get_recipe(DEFAULT_RECIPE if mode == "layerwise_new" else "max")
-    amax = calibrate_layerwise(reader, spec, batches, settings, torch.bfloat16, progress=False, recipe=recipe)
+    rounded = RoundedWeights(pathlib.Path(out).parent) if recipe.gptq else None
+    amax = calibrate_layerwise(reader, spec, batches, settings, torch.bfloat16, progress=False, recipe=recipe,
+                               rounded=rounded)
+    if rounded is not None:
+        rounded.close()
 else:
     from nasrt.quantize.whole import calibrate_whole
     amax, model = calibrate_whole(model_dir, reader, spec, batches, settings, torch.bfloat16)

@@ -28,6 +28,7 @@ from nasrt.convert import ConvertOptions, Scales, trtllm_config, write_rank
 from nasrt.errors import CheckpointError
 from nasrt.fp8 import FP8_DTYPE, quantize, scale_from_amax
 from nasrt.quantize.calibrate import AmaxTable, QuantSettings
+from nasrt.quantize.gptq import RoundedWeights
 from nasrt.st_io import torch_dtype, write_safetensors_stream
 from nasrt.tensor_map import (
     ACT_SCALE,
@@ -123,12 +124,21 @@ class QuantizingReader:
     """The reader interface over an HF checkpoint whose listed weights are served as FP8 (quantized on read).
 
     Quantization is element-wise, so quantizing a TP slice equals slicing the quantized tensor; the converter
-    therefore streams FP8 rank tensors without ever holding a quantized model.
+    therefore streams FP8 rank tensors without ever holding a quantized model. Weights in ``rounded`` (GPTQ) are
+    served as the FP8 codes chosen at calibration time instead (sliced the same way).
     """
 
-    def __init__(self, base, scales: dict[str, torch.Tensor], aliases: dict[str, str] | None = None):
+    def __init__(self, base, scales: dict[str, torch.Tensor], aliases: dict[str, str] | None = None,
+                 rounded: RoundedWeights | None = None):
         self.base, self.scales, self.aliases = base, scales, aliases or {}
+        self.rounded = rounded
         self.dir = getattr(base, "dir", None)
+
+    def _codes(self, name: str) -> bool:
+        if self.rounded is None or name not in self.scales or self._src(name) not in self.rounded:
+            return False
+        self.rounded.check_scale(self._src(name), self.scales[name])
+        return True
 
     def _src(self, name: str) -> str:
         return self.aliases.get(name, name)
@@ -149,9 +159,13 @@ class QuantizingReader:
         return quantize(t, self.scales[name]) if name in self.scales else t
 
     def get(self, name: str) -> torch.Tensor:
+        if self._codes(name):
+            return self.rounded.get(self._src(name))
         return self._q(name, self.base.get(self._src(name)))
 
     def read(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        if self._codes(name):
+            return self.rounded.read(self._src(name), dim, start, stop)
         return self._q(name, self.base.read(self._src(name), dim, start, stop))
 
 
@@ -175,16 +189,18 @@ def trtllm_quantization(settings: QuantSettings, has_kv: bool) -> dict[str, Any]
 
 
 def export_trtllm(reader, spec: ModelSpec, opts: ConvertOptions, dtype: str, scales: FP8Scales,
-                  settings: QuantSettings, out_dir: Path, progress: bool = True) -> None:
-    """TensorRT-LLM FP8 checkpoint (config.json + rank files) into ``out_dir`` (already a temporary dir)."""
-    qreader = QuantizingReader(reader, scales.weight_quant)
+                  settings: QuantSettings, out_dir: Path, progress: bool = True,
+                  rounded: RoundedWeights | None = None) -> None:
+    """TensorRT-LLM FP8 checkpoint (config.json + rank files) into ``out_dir`` (already a temporary dir); FP8
+    weights from ``rounded`` where it has them (GPTQ), else quantized to nearest."""
+    qreader = QuantizingReader(reader, scales.weight_quant, rounded=rounded)
     trt = dict(scales.trt)
     if settings.quantize_lm_head:
         head_src = lm_head_rule(spec).hf_names()[0]
         if spec.tie_word_embeddings:  # the embedding stays unquantized: serve lm_head under its own name
             spec = _untied(spec)
             qreader = QuantizingReader(reader, {**scales.weight_quant, "lm_head.weight": _lm_scale(scales)},
-                                       aliases={"lm_head.weight": head_src})
+                                       aliases={"lm_head.weight": head_src}, rounded=rounded)
         else:
             qreader.scales = {**scales.weight_quant, head_src: _lm_scale(scales)}
         trt[(None, "lm_head")] = {WEIGHT_SCALE: _lm_scale(scales),
@@ -230,9 +246,11 @@ def _quantization_config(settings: QuantSettings, has_kv: bool) -> dict[str, Any
 
 
 def export_hf(reader, spec: ModelSpec, hf_config: dict[str, Any], dtype: str, scales: FP8Scales,
-              settings: QuantSettings, out_dir: Path, tokenizer_dir: Path | None = None) -> None:
+              settings: QuantSettings, out_dir: Path, tokenizer_dir: Path | None = None,
+              rounded: RoundedWeights | None = None) -> None:
     """Unified HF FP8 checkpoint: FP8 ``weight`` + ``weight_scale`` / ``input_scale`` per linear,
-    ``k_proj.k_scale`` / ``v_proj.v_scale`` per attention layer, everything else in ``dtype``."""
+    ``k_proj.k_scale`` / ``v_proj.v_scale`` per attention layer, everything else in ``dtype``; FP8 weights from
+    ``rounded`` where it has them (the same codes the TensorRT-LLM export writes)."""
     target = torch_dtype(dtype)
     per_proj = {n.rsplit(".weight_scale", 1)[0] + ".weight": s for n, s in scales.hf.items()
                 if n.endswith(".weight_scale")}
@@ -251,6 +269,9 @@ def export_hf(reader, spec: ModelSpec, hf_config: dict[str, Any], dtype: str, sc
         if job[0] == "value":
             return job[1].to(torch.float32).reshape(())
         _, src, name = job
+        if name in per_proj and rounded is not None and src in rounded:
+            rounded.check_scale(src, per_proj[name])
+            return rounded.get(src)
         t = reader.read(src, 0, 0, reader.shape(src)[0])  # one tensor at a time, not through a memory map
         return quantize(t, per_proj[name]) if name in per_proj else t.to(target)
 

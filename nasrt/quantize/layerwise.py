@@ -29,9 +29,9 @@ from nasrt.quantize.calibrate import (
     quantize_module,
     register_attention,
 )
+from nasrt.quantize.gptq import RoundedWeights
 from nasrt.quantize.recipes import (
     RECIPES,
-    SEARCH_TOKENS,
     Recipe,
     apply_recipe,
     attach_input_stats,
@@ -127,12 +127,13 @@ def calibrate_layerwise(reader, spec: ModelSpec, batches: list[torch.Tensor], se
                         dtype: torch.dtype, max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
                         spill_dir: str | Path | None = None, progress: bool = True,
                         device: torch.device | str = "cpu", recipe: Recipe | None = None,
-                        record: dict | None = None) -> AmaxTable:
+                        record: dict | None = None, rounded: RoundedWeights | None = None) -> AmaxTable:
     """Calibrate every block of the HF checkpoint behind ``reader`` in turn; returns the amax table.
 
     Blocks run on ``device``; the cached hidden states stay on the CPU (or disk) between blocks. ``recipe``
     (default: ModelOpt's ``max``) rewrites each block's amax values right after its calibration, while the block
-    and its input statistics are still in memory; per-unit choices are added to ``record``.
+    and its input statistics are still in memory; per-unit choices are added to ``record``; a GPTQ recipe writes
+    each block's FP8 codes to ``rounded``.
     """
     recipe = recipe or RECIPES["max"]
     device = torch.device(device)
@@ -166,15 +167,16 @@ def calibrate_layerwise(reader, spec: ModelSpec, batches: list[torch.Tensor], se
             def on_start(m: nn.Module, prefix=prefix, units=units, stats=stats) -> list:
                 if not recipe.needs_stats:
                     return []
-                found, handles = attach_input_stats(m, prefix, units, histogram=recipe.activation != "max",
-                                                 keep_tokens=SEARCH_TOKENS if recipe.weight == "omse" else 0)
+                found, handles = attach_input_stats(m, prefix, units, recipe)
                 stats.update(found)
                 return handles
 
             _run_once(block, settings, store, len(batches), lambda m, h: m(h, position_embeddings(h)), True,
                       device, on_start)
             amax = collect_amax(block, prefix)
-            rec = apply_recipe(amax, block, prefix, units, stats, recipe)
+            rec = apply_recipe(amax, block, prefix, units, stats, recipe, rounded)
+            if rounded is not None:
+                rounded.flush()
             if record is not None:
                 record.update(rec)
             table.update(amax)

@@ -21,6 +21,7 @@ from nasrt.quantize.calib_data import (
 )
 from nasrt.quantize.calibrate import AmaxTable, QuantSettings
 from nasrt.quantize.export import KV_SCALE_MODES, export_hf, export_trtllm, fp8_scales
+from nasrt.quantize.gptq import RoundedWeights
 from nasrt.quantize.recipes import DEFAULT_RECIPE, all_units, get_recipe
 from nasrt.quantize.report import RECORD_NAME, build_record, check_disjoint, evaluate
 from nasrt.quantize.sensitivity import choose_bf16_units, measure_sensitivity
@@ -125,53 +126,15 @@ def quantize_checkpoint(model_dir: str | Path, output_dir: str | Path, opts: Qua
         check_disjoint(batches, ids, what=f"evaluation text ({eval_source})")
     # Fail on the output name before the (long) calibration, not after.
     with atomic_output_dir(output_dir, overwrite, inputs=(model_dir,)) as tmp:
-        log.info("calibrating %s (%d layers, %s) on %d samples, %s", model_dir, spec.num_layers, calib_dtype,
-                 sum(len(b) for b in batches), "whole model" if opts.whole_model else "layer by layer")
-        start = time.perf_counter()
-        record: dict = {}
-        if opts.whole_model:
-            from nasrt.quantize.whole import calibrate_whole
-
-            amax, model = calibrate_whole(model_dir, reader, spec, batches, settings, calib_dtype, opts.device,
-                                          recipe=recipe, record=record)
-            del model
-        else:
-            from nasrt.quantize.layerwise import calibrate_layerwise
-
-            amax = calibrate_layerwise(reader, spec, batches, settings, calib_dtype,
-                                       max_memory_bytes=int(opts.max_activation_memory_gb * 2**30),
-                                       spill_dir=tmp, progress=progress, device=opts.device, recipe=recipe,
-                                       record=record)
-        seconds = time.perf_counter() - start
-        units = all_units(spec)
-        sizes = {u.name: sum(reader.shape(m + ".weight")[0] * reader.shape(m + ".weight")[1]
-                             for m in u.hf_modules) for u in units}
-        sensitivity, bf16_units, sens_seconds = None, [], 0.0
-        if opts.bf16_budget > 0 or opts.sensitivity:
-            t0 = time.perf_counter()
-            sensitivity = measure_sensitivity(reader, spec, sens_batches, amax, calib_dtype, opts.device, progress)
-            sens_seconds = time.perf_counter() - t0
-            bf16_units = choose_bf16_units(sensitivity, sizes, opts.bf16_budget)
-            chosen = [u for u in units if u.name in bf16_units]
-            settings = replace(settings, exclude=tuple(m for u in chosen for m in u.trt_modules()),
-                               hf_exclude=tuple(chosen_hf for u in chosen for chosen_hf in u.hf_modules))
-        scales = fp8_scales(amax, spec, settings, opts.kv_cache_scales)
-        tokenizer_dir = Path(opts.tokenizer_dir or model_dir)
-        if opts.export_format == "hf":
-            export_hf(reader, spec, hf_cfg, dtype, scales, settings, tmp, tokenizer_dir=tokenizer_dir)
-        else:
-            export_trtllm(reader, spec, convert_opts, dtype, scales, settings, tmp, progress=progress)
-            check_output(tmp, output_dir)
-        evaluation = None
-        if not opts.skip_eval:
-            evaluation = _evaluate(model_dir, reader, spec, opts, convert_opts, dtype, scales, settings, tmp,
-                                   tokenizer_dir, eval_source, eval_body, batches, progress)
-        record = build_record(recipe=recipe, settings=settings, opts=opts, calib_source=_calib_source(opts),
-                              calib_samples=sum(len(b) for b in batches),
-                              calib_tokens=sum(b.numel() for b in batches), units=units, sizes=sizes,
-                              choices=record, sensitivity=sensitivity,
-                              sensitivity_samples=len(sens_batches), bf16_units=bf16_units, evaluation=evaluation)
-        write_json(tmp / RECORD_NAME, record)
+        # GPTQ's FP8 codes live in a scratch dir inside the temporary output, removed before it is renamed.
+        rounded = RoundedWeights(tmp) if recipe.gptq else None
+        try:
+            seconds, amax, record, sens_seconds = _quantize_into(tmp, model_dir, output_dir, opts, reader, spec, hf_cfg, dtype,
+                                                   calib_dtype, convert_opts, settings, recipe, batches, sens_batches,
+                                                   eval_source, eval_body, rounded, progress)
+        finally:
+            if rounded is not None:
+                rounded.close()
     return QuantizeResult(Path(output_dir), amax, sum(len(b) for b in batches), seconds, record, sens_seconds)
 
 
@@ -196,7 +159,7 @@ def _eval_text(opts: QuantizeOptions) -> tuple[str, str]:
 
 
 def _evaluate(model_dir, reader, spec, opts, convert_opts, dtype, scales, settings, tmp: Path, tokenizer_dir,
-              source: str, text: str, batches, progress: bool) -> dict:
+              source: str, text: str, batches, progress: bool, rounded: RoundedWeights | None) -> dict:
     """Held-out perplexity of BF16 and of the FP8 checkpoint just written (for ``--export_format hf`` its
     TensorRT-LLM twin, written with the same scales into a scratch directory)."""
     import shutil
@@ -207,7 +170,8 @@ def _evaluate(model_dir, reader, spec, opts, convert_opts, dtype, scales, settin
     try:
         if opts.export_format == "hf":
             scratch = Path(tempfile.mkdtemp(prefix=".nasrt-eval-fp8-", dir=tmp.parent))
-            export_trtllm(reader, spec, ConvertOptions(dtype), dtype, scales, settings, scratch, progress=False)
+            export_trtllm(reader, spec, ConvertOptions(dtype), dtype, scales, settings, scratch, progress=False,
+                          rounded=rounded)
             fp8_dir = scratch
         return evaluate(model_dir, fp8_dir, tokenizer_dir, text, batches, source,
                         min(opts.eval_seq_len, spec.max_position_embeddings), opts.device, tmp.parent, progress)
@@ -245,3 +209,60 @@ def _pad_id(tokenizer, spec) -> int:
         if isinstance(candidate, int):
             return candidate
     return 0
+
+
+def _quantize_into(tmp: Path, model_dir: Path, output_dir, opts: QuantizeOptions, reader, spec: ModelSpec, hf_cfg,
+                   dtype: str, calib_dtype, convert_opts, settings: QuantSettings, recipe, batches, sens_batches,
+                   eval_source: str, eval_body: str, rounded: RoundedWeights | None,
+                   progress: bool) -> tuple[float, AmaxTable, dict, float]:
+    """Calibrate, measure sensitivity, export into ``tmp``, evaluate and write the record; returns (calibration
+    seconds, amax table, record, sensitivity seconds)."""
+    log.info("calibrating %s (%d layers, %s) on %d samples, %s", model_dir, spec.num_layers, calib_dtype,
+             sum(len(b) for b in batches), "whole model" if opts.whole_model else "layer by layer")
+    start = time.perf_counter()
+    record: dict = {}
+    if opts.whole_model:
+        from nasrt.quantize.whole import calibrate_whole
+
+        amax, model = calibrate_whole(model_dir, reader, spec, batches, settings, calib_dtype, opts.device,
+                                      recipe=recipe, record=record, rounded=rounded)
+        del model
+    else:
+        from nasrt.quantize.layerwise import calibrate_layerwise
+
+        amax = calibrate_layerwise(reader, spec, batches, settings, calib_dtype,
+                                   max_memory_bytes=int(opts.max_activation_memory_gb * 2**30),
+                                   spill_dir=tmp, progress=progress, device=opts.device, recipe=recipe,
+                                   record=record, rounded=rounded)
+    seconds = time.perf_counter() - start
+    units = all_units(spec)
+    sizes = {u.name: sum(reader.shape(m + ".weight")[0] * reader.shape(m + ".weight")[1]
+                         for m in u.hf_modules) for u in units}
+    sensitivity, bf16_units, sens_seconds = None, [], 0.0
+    if opts.bf16_budget > 0 or opts.sensitivity:
+        t0 = time.perf_counter()
+        sensitivity = measure_sensitivity(reader, spec, sens_batches, amax, calib_dtype, opts.device, progress,
+                                          rounded)
+        sens_seconds = time.perf_counter() - t0
+        bf16_units = choose_bf16_units(sensitivity, sizes, opts.bf16_budget)
+        chosen = [u for u in units if u.name in bf16_units]
+        settings = replace(settings, exclude=tuple(m for u in chosen for m in u.trt_modules()),
+                           hf_exclude=tuple(chosen_hf for u in chosen for chosen_hf in u.hf_modules))
+    scales = fp8_scales(amax, spec, settings, opts.kv_cache_scales)
+    tokenizer_dir = Path(opts.tokenizer_dir or model_dir)
+    if opts.export_format == "hf":
+        export_hf(reader, spec, hf_cfg, dtype, scales, settings, tmp, tokenizer_dir=tokenizer_dir, rounded=rounded)
+    else:
+        export_trtllm(reader, spec, convert_opts, dtype, scales, settings, tmp, progress=progress, rounded=rounded)
+        check_output(tmp, output_dir)
+    evaluation = None
+    if not opts.skip_eval:
+        evaluation = _evaluate(model_dir, reader, spec, opts, convert_opts, dtype, scales, settings, tmp,
+                               tokenizer_dir, eval_source, eval_body, batches, progress, rounded)
+    record = build_record(recipe=recipe, settings=settings, opts=opts, calib_source=_calib_source(opts),
+                          calib_samples=sum(len(b) for b in batches),
+                          calib_tokens=sum(b.numel() for b in batches), units=units, sizes=sizes,
+                          choices=record, sensitivity=sensitivity,
+                          sensitivity_samples=len(sens_batches), bf16_units=bf16_units, evaluation=evaluation)
+    write_json(tmp / RECORD_NAME, record)
+    return seconds, amax, record, sens_seconds

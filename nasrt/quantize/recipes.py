@@ -1,8 +1,12 @@
-"""FP8 scale recipes: how weight and activation amax values are chosen once a block has been calibrated.
+"""FP8 recipes: how weight and activation amax values (and the weights' FP8 codes) are chosen once a block has been
+calibrated.
 
-ModelOpt's default (``max``) takes ``max |W|`` and ``max |x|``. The searched recipes pick, per *scale group*, the
-weight amax (a multiplier of the group max) that minimises the FP8 rounding error of every weight in the group,
-and may pick activation amax values from a histogram (ModelOpt's ``HistogramCalibrator``, ``percentile``).
+ModelOpt's default (``max``) takes ``max |W|`` and ``max |x|`` and rounds each weight to the nearest FP8 value. The
+searched recipes pick, per *scale group*, the weight amax (a multiplier of the group max) that minimises the FP8
+rounding error of every weight in the group, and may pick activation amax values from a histogram (ModelOpt's
+``HistogramCalibrator``, ``percentile``). ``gptq`` keeps ModelOpt's scales and chooses the FP8 codes by GPTQ
+(:mod:`nasrt.quantize.gptq`): on this per-tensor grid the scale barely matters away from clipping (FP8's relative
+grid repeats every factor 2), while which neighbour each weight is rounded to does.
 
 Scale groups are TensorRT-LLM's sharing rules: q/k/v are one fused GEMM with one weight scale, and ``trtllm-build``
 fuses ``fc``/``gate`` under one scale (their max); so the search runs over the whole group and every member gets
@@ -20,6 +24,7 @@ import torch
 from nasrt.arch import ModelSpec
 from nasrt.errors import ConfigError
 from nasrt.fp8 import dequantize, quantize, scale_from_amax
+from nasrt.quantize.gptq import RoundedWeights, gptq_round, output_error
 from nasrt.tensor_map import layer_rules
 
 log = logging.getLogger(__name__)
@@ -49,10 +54,15 @@ class Recipe:
     activation: str  # "max" | "percentile"
     percentile: float = 99.99
     description: str = ""
+    rounding: str = "nearest"  # "nearest" | "gptq" (error-compensating, nasrt.quantize.gptq)
 
     @property
     def needs_stats(self) -> bool:
-        return self.weight in ("hmse", "omse") or self.activation != "max"
+        return self.weight in ("hmse", "omse") or self.activation != "max" or self.gptq
+
+    @property
+    def gptq(self) -> bool:
+        return self.rounding == "gptq"
 
 
 #: The ``--recipe`` table. ``max`` is ModelOpt's FP8_DEFAULT_CFG arithmetic.
@@ -67,11 +77,14 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("omse", "omse", "max", description="weight amax searched per scale group minimising the output error "
            "||X (W - Q(W))^T||^2 on sampled calibration inputs X (full local Hessian: catches correlated "
            "rounding errors), input amax = max|x|"),
+    Recipe("gptq", "max", "max", rounding="gptq", description="weight amax = max|W| per TensorRT-LLM scale group; "
+           "weights rounded to FP8 by GPTQ (each column's rounding error compensated in the columns not yet "
+           "rounded, weighted by the calibration inputs' X^T X), input amax = max|x|"),
 )}
 #: Measured on SmolLM2 (32 x 256-token calibration, W+A+KV, 6000 held-out characters): max +4.75 %, hmse +6.86 %,
 #: omse +4.23 %, pct +267 % (clipping the massive activations). ModelOpt 0.47's histogram "mse" for FP8 fails
 #: (``ScaledE4M3Function.forward() missing ... 'M'``), so it is not offered.
-DEFAULT_RECIPE = "omse"
+DEFAULT_RECIPE = "gptq"
 
 
 def get_recipe(name: str) -> Recipe:
@@ -122,8 +135,9 @@ def all_units(spec: ModelSpec) -> list[LinearUnit]:
 class InputStats:
     """Per-unit input statistics: per-channel sum of x^2 (float64) and ModelOpt's |x| histogram."""
 
-    def __init__(self, histogram: bool, keep_tokens: int = 0):
+    def __init__(self, histogram: bool, keep_tokens: int = 0, hessian: bool = False):
         self.sq: torch.Tensor | None = None
+        self.hessian: torch.Tensor | None = torch.zeros(0) if hessian else None  # sum x x^T (float32)
         self.count = 0
         self.keep_tokens = keep_tokens
         self.tokens: list[torch.Tensor] = []
@@ -138,6 +152,12 @@ class InputStats:
         s = x2.pow(2).sum(0).double().cpu()
         self.sq = s if self.sq is None else self.sq + s
         self.count += x2.shape[0]
+        if self.hessian is not None:
+            xtx = (x2.T @ x2).cpu()
+            if self.hessian.numel() == 0:
+                self.hessian = xtx
+            else:
+                self.hessian += xtx
         kept = sum(t.shape[0] for t in self.tokens)
         if kept < self.keep_tokens:
             self.tokens.append(x2[::4][:self.keep_tokens - kept].cpu().clone())  # spread over more text
@@ -154,8 +174,9 @@ class InputStats:
 
 
 def attach_input_stats(module: torch.nn.Module, prefix: str, units: list[LinearUnit],
-                       histogram: bool, keep_tokens: int = 0) -> tuple[dict[str, InputStats], list]:
-    """Forward pre-hooks on the first HF module of each unit (the unit's members read the same input)."""
+                       recipe: Recipe) -> tuple[dict[str, InputStats], list]:
+    """Forward pre-hooks on the first HF module of each unit (the unit's members read the same input), collecting
+    what ``recipe`` needs."""
     stats: dict[str, InputStats] = {}
     handles = []
     mods = dict(module.named_modules())
@@ -163,7 +184,8 @@ def attach_input_stats(module: torch.nn.Module, prefix: str, units: list[LinearU
         sub = mods.get(u.hf_modules[0][len(prefix):])
         if sub is None:
             continue
-        st = stats[u.name] = InputStats(histogram, keep_tokens)
+        st = stats[u.name] = InputStats(recipe.activation != "max",
+                                        SEARCH_TOKENS if recipe.weight == "omse" else 0, recipe.gptq)
         handles.append(sub.register_forward_pre_hook(lambda _m, args, st=st: st.collect(args[0])))
     return stats, handles
 
@@ -249,21 +271,25 @@ def search_weight_amax_output(weights: list[torch.Tensor], x: torch.Tensor) -> t
 
 
 def apply_recipe(table: dict, module: torch.nn.Module, prefix: str, units: list[LinearUnit],
-                 stats: dict[str, InputStats], recipe: Recipe, skip: frozenset[str] = frozenset()) -> dict:
+                 stats: dict[str, InputStats], recipe: Recipe, rounded: RoundedWeights | None = None) -> dict:
     """Rewrite ``table`` (HF module -> amax dict) for one calibrated block: weight amax searched per unit (one
-    value for every member), input amax from the recipe's method. ``max`` leaves ModelOpt's values untouched.
+    value for every member), input amax from the recipe's method; with GPTQ rounding, each member's FP8 codes
+    (under the unit's shared scale, exactly as the exporters compute it) go to ``rounded``. ``max`` leaves
+    ModelOpt's values untouched.
 
-    Returns ``{unit name: {"weight_multiplier": m, "input_vs_max": r}}`` for the record. Units in ``skip`` (kept BF16) are left as
-    calibrated.
+    Returns ``{unit name: {"weight_multiplier": m, "input_vs_max": r, "gptq_error_vs_nearest": e}}`` for the
+    record.
     """
+    if recipe.gptq and rounded is None:
+        raise ValueError(f"recipe {recipe.name!r} rounds weights by GPTQ: a RoundedWeights store is needed")
     mods = dict(module.named_modules())
     record = {}
     for u in units:
-        if u.name in skip or any(m not in table for m in u.hf_modules):
+        if any(m not in table for m in u.hf_modules):
             continue
         rec = {}
+        ws = [mods[m[len(prefix):]].weight.detach() for m in u.hf_modules]
         if recipe.weight != "max":
-            ws = [mods[m[len(prefix):]].weight.detach() for m in u.hf_modules]
             if recipe.weight == "omse":
                 amax, rec["weight_multiplier"] = search_weight_amax_output(ws, torch.cat(stats[u.name].tokens))
             else:
@@ -276,5 +302,22 @@ def apply_recipe(table: dict, module: torch.nn.Module, prefix: str, units: list[
             rec["input_vs_max"] = float(act) / float(torch.stack([table[m]["input"] for m in u.hf_modules]).max())
             for m in u.hf_modules:
                 table[m]["input"] = act.reshape(()).clone()
+        if recipe.gptq:
+            rec["gptq_error_vs_nearest"] = _round_unit(u, ws, table, stats[u.name].hessian, rounded)
+            stats[u.name].hessian = None  # bounded memory: one unit's [in, in] at a time from here on
         record[u.name] = rec
     return record
+
+
+def _round_unit(unit: LinearUnit, weights: list[torch.Tensor], table: dict, hessian: torch.Tensor,
+                rounded: RoundedWeights) -> float:
+    """GPTQ codes of every member under the unit's shared scale (the max of its members' amax, as
+    :func:`nasrt.quantize.export.fp8_scales` shares it), rounded together (one input, one Hessian, one scale);
+    returns the output error relative to round-to-nearest."""
+    scale = scale_from_amax(torch.stack([table[m]["weight"] for m in unit.hf_modules]).max())
+    w = torch.cat([x.float() for x in weights])
+    codes = gptq_round(w, hessian, scale)
+    for m, part in zip(unit.hf_modules, codes.split([x.shape[0] for x in weights]), strict=True):
+        rounded.add(m + ".weight", part, scale)
+    nearest = output_error(w, quantize(w, scale), scale, hessian)
+    return output_error(w, codes, scale, hessian) / nearest if nearest > 0 else 1.0

@@ -24,9 +24,10 @@ RECORD_NAME = "nasrt_quantization.json"
 #: Token n-gram length of the disjointness check: an evaluation window of this many tokens that also occurs in
 #: the calibration set means the two texts overlap.
 DISJOINT_NGRAM = 24
-SENSITIVITY_MEASURE = ("mean per-token KL(BF16 || FP8) of the final next-token distribution when only this scale "
-                       "group (weights + input activations) is FP8, measured layer by layer on the first "
-                       "calibration samples")
+SENSITIVITY_MEASURE = ("kl_gain: how much the mean per-token KL(BF16 || FP8) of the fully-FP8 model's final "
+                       "next-token distribution drops when only this scale group (weights + input activations) is "
+                       "kept BF16 (negative: keeping it BF16 makes the model worse), measured layer by layer on the "
+                       "first calibration samples")
 
 
 #: What the TensorRT-LLM ``kv_cache_scaling_factor`` is, per ``--kv_cache_scales`` (the unified export always keeps
@@ -101,17 +102,18 @@ def build_record(*, recipe, settings, opts, calib_source: str, calib_samples: in
         row = {"module": u.name, "trt_modules": u.trt_modules(), "hf_modules": list(u.hf_modules),
                "params": sizes[u.name], "bf16": u.name in bf16_units, **choices.get(u.name, {})}
         if sensitivity is not None:
-            row["kl"] = float(f"{sensitivity.get(u.name, 0.0):.6g}")
+            row["kl_gain"] = float(f"{sensitivity.get(u.name, 0.0):.6g}")
         table.append(row)
     if sensitivity is not None:
-        table.sort(key=lambda r: (-r["kl"], r["module"]))
+        table.sort(key=lambda r: (-r["kl_gain"], r["module"]))
     total = sum(sizes.values())
     return {
         "producer": {"name": "nasrt", "version": nasrt.__version__, "modelopt": modelopt_version},
         "recipe": {"name": recipe.name, "description": recipe.description, "qformat": settings.qformat,
                    "kv_cache_dtype": settings.kv_cache_dtype, "kv_cache_scales": opts.kv_cache_scales,
                    "kv_cache_scale_rule": KV_RULES[opts.kv_cache_scales] if settings.kv else None,
-                   "algorithms": {"weights": recipe.weight, "activations": recipe.activation,
+                   "algorithms": {"weights": recipe.weight, "weight_rounding": _rounding(recipe),
+                                  "activations": recipe.activation,
                                   **({"activation_percentile": recipe.percentile}
                                      if recipe.activation == "percentile" else {}),
                                   "kv_cache": "max (ModelOpt k/v_bmm_quantizer)" if settings.kv else None,
@@ -131,10 +133,19 @@ def build_record(*, recipe, settings, opts, calib_source: str, calib_samples: in
     }
 
 
+def _rounding(recipe) -> str:
+    if not recipe.gptq:
+        return "nearest"
+    from nasrt.quantize import gptq
+
+    return f"gptq (columns in decreasing E[x_j^2], damping {gptq.DAMP} x mean diag, block {gptq.BLOCK})"
+
+
 def summary(record: dict) -> str:
     """Lines printed at the end of ``nasrt quantize``."""
     r, c = record["recipe"], record["calibration"]
-    lines = [f"recipe {r['name']} (weights {r['algorithms']['weights']}, activations "
+    lines = [f"recipe {r['name']} (weights {r['algorithms']['weights']}, rounding "
+             f"{r['algorithms']['weight_rounding'].split(' ')[0]}, activations "
              f"{r['algorithms']['activations']}, KV {r['kv_cache_dtype'] or 'not quantized'}), calibration "
              f"{c['samples']} samples / {c['tokens']} tokens of {c['data_source']}"]
     b = record["bf16_modules"]
@@ -142,8 +153,8 @@ def summary(record: dict) -> str:
         lines.append(f"BF16 budget {record['bf16_budget']}: {len(b['trt'])} linears kept BF16 "
                      f"({b['fraction'] * 100:.2f} % of linear parameters)")
     if record["sensitivity"] is not None:
-        top = ", ".join(f"{row['module']} {row['kl']:.3g}" for row in record["linears"][:5])
-        lines.append(f"most FP8-sensitive (KL): {top}")
+        top = ", ".join(f"{row['module']} {row['kl_gain']:.3g}" for row in record["linears"][:5])
+        lines.append(f"most FP8-sensitive (KL gain if kept BF16): {top}")
     e = record["evaluation"]
     if e is not None:
         lines.append(f"held-out perplexity ({e['text']}, {e['tokens']} tokens): BF16 {e['perplexity_bf16']:.4f}, "

@@ -23,7 +23,8 @@ from nasrt.quantize.calibrate import (
     quantize_module,
     register_attention,
 )
-from nasrt.quantize.recipes import RECIPES, SEARCH_TOKENS, Recipe, all_units, apply_recipe, attach_input_stats
+from nasrt.quantize.gptq import RoundedWeights
+from nasrt.quantize.recipes import RECIPES, Recipe, all_units, apply_recipe, attach_input_stats
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ def load_model(model_dir: str | Path, reader, spec: ModelSpec, dtype: torch.dtyp
 
 def calibrate_whole(model_dir: str | Path, reader, spec: ModelSpec, batches: list[torch.Tensor],
                     settings: QuantSettings, dtype: torch.dtype, device: torch.device | str = "cpu",
-                    recipe: Recipe | None = None, record: dict | None = None) -> tuple[AmaxTable, nn.Module]:
+                    recipe: Recipe | None = None, record: dict | None = None,
+                    rounded: RoundedWeights | None = None) -> tuple[AmaxTable, nn.Module]:
     """Calibrate the whole model at once (on ``device``); returns the amax table (rewritten by ``recipe`` as in
     the layer-wise path) and the quantized model."""
     recipe = recipe or RECIPES["max"]
@@ -76,8 +78,7 @@ def calibrate_whole(model_dir: str | Path, reader, spec: ModelSpec, batches: lis
     def forward_loop(m: nn.Module) -> None:
         handles = []
         if recipe.needs_stats:
-            found, handles = attach_input_stats(m, "", units, histogram=recipe.activation != "max",
-                                                 keep_tokens=SEARCH_TOKENS if recipe.weight == "omse" else 0)
+            found, handles = attach_input_stats(m, "", units, recipe)
             stats.update(found)
         with torch.no_grad():
             for ids in batches:
@@ -88,7 +89,9 @@ def calibrate_whole(model_dir: str | Path, reader, spec: ModelSpec, batches: lis
 
     quantize_module(model, settings, forward_loop)
     table = collect_amax(model)
-    rec = apply_recipe(table, model, "", units, stats, recipe)
+    rec = apply_recipe(table, model, "", units, stats, recipe, rounded)
+    if rounded is not None:
+        rounded.flush()
     if record is not None:
         record.update(rec)
     return table, model
