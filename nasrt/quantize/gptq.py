@@ -62,18 +62,18 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor)
     if hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"hessian {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}")
     work = torch.float64 if hessian.shape[0] <= FLOAT64_MAX_INPUTS else torch.float32
-    h = hessian.to(device=weight.device, dtype=work, copy=True)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    perm = torch.argsort(torch.diag(h), descending=True, stable=True)
-    h = h[perm][:, perm]
+    diag = torch.diag(hessian).to(device=weight.device, dtype=work)
+    dead = diag == 0
+    perm = torch.argsort(torch.where(dead, 1.0, diag), descending=True, stable=True)
+    h = hessian.to(device=weight.device)[perm].to(work)[:, perm]  # one [in, in] scratch copy at a time
+    h.diagonal()[dead[perm]] = 1.0
     u = _inverse_cholesky(h)
     del h
     if u is None:
         log.warning("GPTQ: the input second moment is not positive definite; rounding to nearest")
         return quantize(weight, scale)
     u = u.float()
-    w = weight.float()[:, perm].clone()
+    w = weight[:, perm].float()
     codes = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
     n = w.shape[1]
     for i1 in range(0, n, BLOCK):
@@ -92,8 +92,12 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor)
 
 def output_error(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor) -> float:
     """``trace(dW H dW^T)`` = the summed squared output error over the calibration inputs, ``dW = W - deq(Q)``."""
-    d = weight.float() - dequantize(codes, scale)
-    return float(((d @ hessian.to(device=d.device, dtype=torch.float32)) * d).sum())
+    h = hessian.to(device=weight.device, dtype=torch.float32)
+    total = 0.0
+    for rows in range(0, weight.shape[0], 1024):  # row chunks: bounded temporaries
+        d = weight[rows:rows + 1024].float() - dequantize(codes[rows:rows + 1024], scale)
+        total += float(((d @ h) * d).sum())
+    return total
 
 
 class RoundedWeights:

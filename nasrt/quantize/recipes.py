@@ -315,7 +315,7 @@ def _round_unit(unit: LinearUnit, weights: list[torch.Tensor], table: dict, hess
     :func:`nasrt.quantize.export.fp8_scales` shares it), rounded together (one input, one Hessian, one scale);
     returns the output error relative to round-to-nearest."""
     scale = scale_from_amax(torch.stack([table[m]["weight"] for m in unit.hf_modules]).max())
-    w = torch.cat([x.float() for x in weights])
+    w = torch.cat(weights)
     codes = gptq_round(w, hessian, scale)
     for m, part in zip(unit.hf_modules, codes.split([x.shape[0] for x in weights]), strict=True):
         rounded.add(m + ".weight", part, scale)
