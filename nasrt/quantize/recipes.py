@@ -24,7 +24,7 @@ import torch
 from nasrt.arch import ModelSpec
 from nasrt.errors import ConfigError
 from nasrt.fp8 import dequantize, quantize, scale_from_amax
-from nasrt.quantize.gptq import RoundedWeights, gptq_round, output_error
+from nasrt.quantize.gptq import FLOAT64_MAX_INPUTS, RoundedWeights, gptq_round, output_error
 from nasrt.tensor_map import layer_rules
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class InputStats:
 
     def __init__(self, histogram: bool, keep_tokens: int = 0, hessian: bool = False):
         self.sq: torch.Tensor | None = None
-        self.hessian: torch.Tensor | None = torch.zeros(0) if hessian else None  # sum x x^T (float32)
+        self.hessian: torch.Tensor | None = torch.zeros(0) if hessian else None  # sum x x^T (float64; float32 above FLOAT64_MAX_INPUTS)
         self.count = 0
         self.keep_tokens = keep_tokens
         self.tokens: list[torch.Tensor] = []
@@ -155,6 +155,8 @@ class InputStats:
         self.count += x2.shape[0]
         if self.hessian is not None:
             xtx = (x2.T @ x2).cpu()
+            if x2.shape[1] <= FLOAT64_MAX_INPUTS:  # sums in float64 where it is cheap
+                xtx = xtx.double()
             if self.hessian.numel() == 0:
                 self.hessian = xtx
             else:
