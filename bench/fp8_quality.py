@@ -5,7 +5,7 @@ checkpoints, all in one run, on two held-out texts (each checked disjoint from t
 * the demo's text (``nasrt.textdata.eval_text``, pydoc held-out slice) and
 * the docstrings of a fixed list of standard-library modules (another register of English, also offline).
 
-Rows: BF16; ModelOpt's default recipe (``max``) W+A+KV, W+A and weights only; the new default recipe W+A+KV, W+A (no FP8 KV) and
+Rows: BF16; ModelOpt's default recipe (``max``) and the new default recipe, each W+A+KV, W+A (no FP8 KV) and
 weights only (activations and KV unquantized, by running the same checkpoint without its activation scales);
 then the ``--bf16_budget`` curve 0 / 0.01 / 0.02 / 0.05 from one calibration and one sensitivity measurement.
 Every FP8 checkpoint is scored by the nasrt reference runtime in float32. Prints the table and the checks of
@@ -109,8 +109,9 @@ def main() -> int:
     def export(amax, settings, name: str, codes=None) -> Path:
         out = work / name
         out.mkdir()
-        export_trtllm(reader, spec, ConvertOptions("bfloat16"), "bfloat16", fp8_scales(amax, spec, settings, args.kv_cache_scales), settings,
-                      out, progress=False, rounded=codes)
+        export_trtllm(reader, spec, ConvertOptions("bfloat16"), "bfloat16",
+                      fp8_scales(amax, spec, settings, args.kv_cache_scales), settings, out, progress=False,
+                      rounded=codes)
         return out
 
     try:

@@ -257,10 +257,12 @@ def export_hf(reader, spec: ModelSpec, hf_config: dict[str, Any], dtype: str, sc
     tensors = list(expected_hf_tensors(spec).items())
     if settings.quantize_lm_head and spec.tie_word_embeddings:
         tensors.append(("lm_head.weight", (spec.vocab_size, spec.hidden_size)))
+    # FP8 weights are quantized on read (or are the GPTQ codes), exactly as for the TensorRT-LLM export
+    tied = {"lm_head.weight": "model.embed_tokens.weight"} if spec.tie_word_embeddings else None
+    qreader = QuantizingReader(reader, per_proj, aliases=tied, rounded=rounded)
     entries: list[tuple[str, torch.dtype, tuple[int, ...], Any]] = []
     for name, shape in tensors:
-        src = "model.embed_tokens.weight" if name == "lm_head.weight" and spec.tie_word_embeddings else name
-        entries.append((name, FP8_DTYPE if name in per_proj else target, tuple(shape), ("read", src, name)))
+        entries.append((name, FP8_DTYPE if name in per_proj else target, tuple(shape), ("read", name)))
     has_kv = any(n.endswith("k_scale") for n in scales.hf)
     for name, value in scales.hf.items():
         entries.append((name, torch.float32, (), ("value", value)))
@@ -268,12 +270,9 @@ def export_hf(reader, spec: ModelSpec, hf_config: dict[str, Any], dtype: str, sc
     def produce(job):
         if job[0] == "value":
             return job[1].to(torch.float32).reshape(())
-        _, src, name = job
-        if name in per_proj and rounded is not None and src in rounded:
-            rounded.check_scale(src, per_proj[name])
-            return rounded.get(src)
-        t = reader.read(src, 0, 0, reader.shape(src)[0])  # one tensor at a time, not through a memory map
-        return quantize(t, per_proj[name]) if name in per_proj else t.to(target)
+        _, name = job
+        t = qreader.read(name, 0, 0, qreader.shape(name)[0])  # one tensor at a time, not through a memory map
+        return t if name in per_proj else t.to(target)
 
     shards: list[list[tuple[str, torch.dtype, tuple[int, ...], Any]]] = [[]]
     size = 0

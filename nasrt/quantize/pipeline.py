@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -125,16 +126,59 @@ def quantize_checkpoint(model_dir: str | Path, output_dir: str | Path, opts: Qua
         ids = runtime_tokenizer(opts.tokenizer_dir or model_dir)(eval_body, add_special_tokens=False)["input_ids"]
         check_disjoint(batches, ids, what=f"evaluation text ({eval_source})")
     # Fail on the output name before the (long) calibration, not after.
-    with atomic_output_dir(output_dir, overwrite, inputs=(model_dir,)) as tmp:
-        # GPTQ's FP8 codes live in a scratch dir inside the temporary output, removed before it is renamed.
-        rounded = RoundedWeights(tmp) if recipe.gptq else None
-        try:
-            seconds, amax, record, sens_seconds = _quantize_into(tmp, model_dir, output_dir, opts, reader, spec, hf_cfg, dtype,
-                                                   calib_dtype, convert_opts, settings, recipe, batches, sens_batches,
-                                                   eval_source, eval_body, rounded, progress)
-        finally:
-            if rounded is not None:
-                rounded.close()
+    # GPTQ's FP8 codes live in a scratch dir inside the temporary output, removed before it is renamed.
+    with atomic_output_dir(output_dir, overwrite, inputs=(model_dir,)) as tmp, \
+            (RoundedWeights(tmp) if recipe.gptq else contextlib.nullcontext()) as rounded:
+        log.info("calibrating %s (%d layers, %s) on %d samples, %s", model_dir, spec.num_layers, calib_dtype,
+                 sum(len(b) for b in batches), "whole model" if opts.whole_model else "layer by layer")
+        start = time.perf_counter()
+        record: dict = {}
+        if opts.whole_model:
+            from nasrt.quantize.whole import calibrate_whole
+
+            amax, model = calibrate_whole(model_dir, reader, spec, batches, settings, calib_dtype, opts.device,
+                                          recipe=recipe, record=record, rounded=rounded)
+            del model
+        else:
+            from nasrt.quantize.layerwise import calibrate_layerwise
+
+            amax = calibrate_layerwise(reader, spec, batches, settings, calib_dtype,
+                                       max_memory_bytes=int(opts.max_activation_memory_gb * 2**30),
+                                       spill_dir=tmp, progress=progress, device=opts.device, recipe=recipe,
+                                       record=record, rounded=rounded)
+        seconds = time.perf_counter() - start
+        units = all_units(spec)
+        sizes = {u.name: sum(reader.shape(m + ".weight")[0] * reader.shape(m + ".weight")[1]
+                             for m in u.hf_modules) for u in units}
+        sensitivity, bf16_units, sens_seconds = None, [], 0.0
+        if opts.bf16_budget > 0 or opts.sensitivity:
+            t0 = time.perf_counter()
+            sensitivity = measure_sensitivity(reader, spec, sens_batches, amax, calib_dtype, opts.device, progress,
+                                              rounded)
+            sens_seconds = time.perf_counter() - t0
+            bf16_units = choose_bf16_units(sensitivity, sizes, opts.bf16_budget)
+            chosen = [u for u in units if u.name in bf16_units]
+            settings = replace(settings, exclude=tuple(m for u in chosen for m in u.trt_modules()),
+                               hf_exclude=tuple(chosen_hf for u in chosen for chosen_hf in u.hf_modules))
+        scales = fp8_scales(amax, spec, settings, opts.kv_cache_scales)
+        tokenizer_dir = Path(opts.tokenizer_dir or model_dir)
+        if opts.export_format == "hf":
+            export_hf(reader, spec, hf_cfg, dtype, scales, settings, tmp, tokenizer_dir=tokenizer_dir,
+                      rounded=rounded)
+        else:
+            export_trtllm(reader, spec, convert_opts, dtype, scales, settings, tmp, progress=progress,
+                          rounded=rounded)
+            check_output(tmp, output_dir)
+        evaluation = None
+        if not opts.skip_eval:
+            evaluation = _evaluate(model_dir, reader, spec, opts, convert_opts, dtype, scales, settings, tmp,
+                                   tokenizer_dir, eval_source, eval_body, batches, progress, rounded)
+        record = build_record(recipe=recipe, settings=settings, opts=opts, calib_source=_calib_source(opts),
+                              calib_samples=sum(len(b) for b in batches),
+                              calib_tokens=sum(b.numel() for b in batches), units=units, sizes=sizes,
+                              choices=record, sensitivity=sensitivity,
+                              sensitivity_samples=len(sens_batches), bf16_units=bf16_units, evaluation=evaluation)
+        write_json(tmp / RECORD_NAME, record)
     return QuantizeResult(Path(output_dir), amax, sum(len(b) for b in batches), seconds, record, sens_seconds)
 
 
@@ -209,60 +253,3 @@ def _pad_id(tokenizer, spec) -> int:
         if isinstance(candidate, int):
             return candidate
     return 0
-
-
-def _quantize_into(tmp: Path, model_dir: Path, output_dir, opts: QuantizeOptions, reader, spec: ModelSpec, hf_cfg,
-                   dtype: str, calib_dtype, convert_opts, settings: QuantSettings, recipe, batches, sens_batches,
-                   eval_source: str, eval_body: str, rounded: RoundedWeights | None,
-                   progress: bool) -> tuple[float, AmaxTable, dict, float]:
-    """Calibrate, measure sensitivity, export into ``tmp``, evaluate and write the record; returns (calibration
-    seconds, amax table, record, sensitivity seconds)."""
-    log.info("calibrating %s (%d layers, %s) on %d samples, %s", model_dir, spec.num_layers, calib_dtype,
-             sum(len(b) for b in batches), "whole model" if opts.whole_model else "layer by layer")
-    start = time.perf_counter()
-    record: dict = {}
-    if opts.whole_model:
-        from nasrt.quantize.whole import calibrate_whole
-
-        amax, model = calibrate_whole(model_dir, reader, spec, batches, settings, calib_dtype, opts.device,
-                                      recipe=recipe, record=record, rounded=rounded)
-        del model
-    else:
-        from nasrt.quantize.layerwise import calibrate_layerwise
-
-        amax = calibrate_layerwise(reader, spec, batches, settings, calib_dtype,
-                                   max_memory_bytes=int(opts.max_activation_memory_gb * 2**30),
-                                   spill_dir=tmp, progress=progress, device=opts.device, recipe=recipe,
-                                   record=record, rounded=rounded)
-    seconds = time.perf_counter() - start
-    units = all_units(spec)
-    sizes = {u.name: sum(reader.shape(m + ".weight")[0] * reader.shape(m + ".weight")[1]
-                         for m in u.hf_modules) for u in units}
-    sensitivity, bf16_units, sens_seconds = None, [], 0.0
-    if opts.bf16_budget > 0 or opts.sensitivity:
-        t0 = time.perf_counter()
-        sensitivity = measure_sensitivity(reader, spec, sens_batches, amax, calib_dtype, opts.device, progress,
-                                          rounded)
-        sens_seconds = time.perf_counter() - t0
-        bf16_units = choose_bf16_units(sensitivity, sizes, opts.bf16_budget)
-        chosen = [u for u in units if u.name in bf16_units]
-        settings = replace(settings, exclude=tuple(m for u in chosen for m in u.trt_modules()),
-                           hf_exclude=tuple(chosen_hf for u in chosen for chosen_hf in u.hf_modules))
-    scales = fp8_scales(amax, spec, settings, opts.kv_cache_scales)
-    tokenizer_dir = Path(opts.tokenizer_dir or model_dir)
-    if opts.export_format == "hf":
-        export_hf(reader, spec, hf_cfg, dtype, scales, settings, tmp, tokenizer_dir=tokenizer_dir, rounded=rounded)
-    else:
-        export_trtllm(reader, spec, convert_opts, dtype, scales, settings, tmp, progress=progress, rounded=rounded)
-        check_output(tmp, output_dir)
-    evaluation = None
-    if not opts.skip_eval:
-        evaluation = _evaluate(model_dir, reader, spec, opts, convert_opts, dtype, scales, settings, tmp,
-                               tokenizer_dir, eval_source, eval_body, batches, progress, rounded)
-    record = build_record(recipe=recipe, settings=settings, opts=opts, calib_source=_calib_source(opts),
-                          calib_samples=sum(len(b) for b in batches),
-                          calib_tokens=sum(b.numel() for b in batches), units=units, sizes=sizes,
-                          choices=record, sensitivity=sensitivity,
-                          sensitivity_samples=len(sens_batches), bf16_units=bf16_units, evaluation=evaluation)
-    write_json(tmp / RECORD_NAME, record)
-    return seconds, amax, record, sens_seconds

@@ -107,6 +107,11 @@ class LinearUnit:
     def name(self) -> str:
         return f"transformer.layers.{self.layer}." + "+".join(self.linears)
 
+    def amax(self, table: dict, kind: str) -> torch.Tensor:
+        """The unit's shared amax of ``kind`` ("weight" | "input"): the max over its members, as the exports share
+        it (:func:`nasrt.quantize.export.fp8_scales`)."""
+        return torch.stack([table[m][kind] for m in self.hf_modules]).max()
+
     def trt_modules(self) -> list[str]:
         """TensorRT-LLM module names (what ``exclude_modules`` patterns match)."""
         return [f"transformer.layers.{self.layer}.{lin}" for lin in self.linears]
@@ -138,7 +143,8 @@ class InputStats:
 
     def __init__(self, histogram: bool, keep_tokens: int = 0, hessian: bool = False):
         self.sq: torch.Tensor | None = None
-        self.hessian: torch.Tensor | None = torch.zeros(0) if hessian else None  # sum x x^T (float64; float32 above FLOAT64_MAX_INPUTS)
+        self.wants_hessian = hessian
+        self.hessian: torch.Tensor | None = None  # sum x x^T (float64; float32 above FLOAT64_MAX_INPUTS)
         self.count = 0
         self.keep_tokens = keep_tokens
         self.tokens: list[torch.Tensor] = []
@@ -153,14 +159,11 @@ class InputStats:
         s = x2.pow(2).sum(0).double().cpu()
         self.sq = s if self.sq is None else self.sq + s
         self.count += x2.shape[0]
-        if self.hessian is not None:
+        if self.wants_hessian:
             xtx = (x2.T @ x2).cpu()
             if x2.shape[1] <= FLOAT64_MAX_INPUTS:  # sums in float64 where it is cheap
                 xtx = xtx.double()
-            if self.hessian.numel() == 0:
-                self.hessian = xtx
-            else:
-                self.hessian += xtx
+            self.hessian = xtx if self.hessian is None else self.hessian.add_(xtx)
         kept = sum(t.shape[0] for t in self.tokens)
         if kept < self.keep_tokens:
             self.tokens.append(x2[::4][:self.keep_tokens - kept].cpu().clone())  # spread over more text
@@ -302,7 +305,7 @@ def apply_recipe(table: dict, module: torch.nn.Module, prefix: str, units: list[
                 table[m]["weight"] = amax.reshape(()).clone()
         if recipe.activation != "max":
             act = stats[u.name].amax(recipe)
-            rec["input_vs_max"] = float(act) / float(torch.stack([table[m]["input"] for m in u.hf_modules]).max())
+            rec["input_vs_max"] = float(act) / float(u.amax(table, "input"))
             for m in u.hf_modules:
                 table[m]["input"] = act.reshape(()).clone()
         if recipe.gptq:
@@ -314,10 +317,9 @@ def apply_recipe(table: dict, module: torch.nn.Module, prefix: str, units: list[
 
 def _round_unit(unit: LinearUnit, weights: list[torch.Tensor], table: dict, hessian: torch.Tensor,
                 rounded: RoundedWeights) -> float:
-    """GPTQ codes of every member under the unit's shared scale (the max of its members' amax, as
-    :func:`nasrt.quantize.export.fp8_scales` shares it), rounded together (one input, one Hessian, one scale);
-    returns the output error relative to round-to-nearest."""
-    scale = scale_from_amax(torch.stack([table[m]["weight"] for m in unit.hf_modules]).max())
+    """GPTQ codes of every member under the unit's shared weight scale, rounded together (one input, one Hessian,
+    one scale); returns the output error relative to round-to-nearest."""
+    scale = scale_from_amax(unit.amax(table, "weight"))
     w = torch.cat(weights)
     codes = gptq_round(w, hessian, scale)
     for m, part in zip(unit.hf_modules, codes.split([x.shape[0] for x in weights]), strict=True):

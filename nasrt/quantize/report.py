@@ -17,6 +17,7 @@ import torch
 
 import nasrt
 from nasrt.errors import ConfigError
+from nasrt.quantize import gptq
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,6 @@ def build_record(*, recipe, settings, opts, calib_source: str, calib_samples: in
 def _rounding(recipe) -> str:
     if not recipe.gptq:
         return "nearest"
-    from nasrt.quantize import gptq
-
     return f"gptq (columns in decreasing E[x_j^2], damping {gptq.DAMP} x mean diag, block {gptq.BLOCK})"
 
 

@@ -33,26 +33,39 @@ log = logging.getLogger(__name__)
 STREAM_CHUNK = 16
 
 
-@contextlib.contextmanager
-def fp8_units(block: torch.nn.Module, prefix: str, units: list[LinearUnit], table: AmaxTable,
-              rounded: RoundedWeights | None = None):
-    """Make ``units``' linears in ``block`` compute as the FP8 checkpoint would: weights quantized with each unit's
-    (shared) weight scale (or the GPTQ codes in ``rounded``), inputs fake-quantized with its activation scale."""
+def fp8_linears(block: torch.nn.Module, prefix: str, units: list[LinearUnit], table: AmaxTable,
+                rounded: RoundedWeights | None = None) -> dict[str, list[tuple[torch.nn.Module, torch.Tensor,
+                                                                               torch.Tensor]]]:
+    """``{unit name: [(linear, FP8 weight dequantized, input scale)]}`` for ``units`` of ``block``, as the FP8
+    checkpoint computes them: weights quantized with each unit's shared weight scale (or the GPTQ codes in
+    ``rounded``). Computed once per block; :func:`fp8_units` swaps them in."""
     mods = dict(block.named_modules())
+    out = {}
+    for unit in units:
+        w_scale = scale_from_amax(unit.amax(table, "weight"))
+        a_scale = scale_from_amax(unit.amax(table, "input"))
+        out[unit.name] = []
+        for m in unit.hf_modules:
+            sub = mods[m[len(prefix):]]
+            if rounded is not None and m + ".weight" in rounded:
+                rounded.check_scale(m + ".weight", w_scale)
+                codes = rounded.get(m + ".weight").to(sub.weight.device)
+            else:
+                codes = quantize(sub.weight, w_scale)
+            out[unit.name].append((sub, dequantize(codes, w_scale, sub.weight.dtype), a_scale))
+    return out
+
+
+@contextlib.contextmanager
+def fp8_units(linears: dict, names: list[str]):
+    """Make the units ``names`` (of :func:`fp8_linears`) compute in FP8: their FP8 weights swapped in, their
+    inputs fake-quantized with their activation scales."""
     saved, handles = [], []
     try:
-        for unit in units:
-            w_scale = scale_from_amax(torch.stack([table[m]["weight"] for m in unit.hf_modules]).max())
-            a_scale = scale_from_amax(torch.stack([table[m]["input"] for m in unit.hf_modules]).max())
-            for m in unit.hf_modules:
-                sub = mods[m[len(prefix):]]
-                if rounded is not None and m + ".weight" in rounded:
-                    rounded.check_scale(m + ".weight", w_scale)
-                    codes = rounded.get(m + ".weight").to(sub.weight.device)
-                else:
-                    codes = quantize(sub.weight, w_scale)
+        for name in names:
+            for sub, weight, a_scale in linears[name]:
                 saved.append((sub, sub.weight))
-                sub.weight = torch.nn.Parameter(dequantize(codes, w_scale, sub.weight.dtype), requires_grad=False)
+                sub.weight = torch.nn.Parameter(weight, requires_grad=False)
                 handles.append(sub.register_forward_pre_hook(
                     lambda _m, args, a=a_scale: (fake_quant(args[0], a),)))
         yield
@@ -91,20 +104,21 @@ def measure_sensitivity(reader, spec: ModelSpec, batches: list[torch.Tensor], ta
             continue
         block = load_block(reader, spec, i, dtype).to(device)
         prefix = hf_layer_prefix(spec, i)
-        units = [u for u in linear_units(spec, i) if all(m in table for m in u.hf_modules)]
-        with fp8_units(block, prefix, units, table, rounded):
+        units = [u for u in linear_units(spec, i) if all(m in table for m in u.hf_modules)]  # others stay BF16
+        linears = fp8_linears(block, prefix, units, table, rounded)
+        with fp8_units(linears, list(linears)):
             for k, p in enumerate(pert):
                 if p is not None:  # every earlier copy, through this block in FP8 (one batch)
                     pert[k] = torch.cat([block(c, pe(c)) for c in p.split(STREAM_CHUNK)])
-        for unit in units:
-            with fp8_units(block, prefix, [u for u in units if u != unit], table, rounded):
+            fp8_out = [block(h, pe(h)) for h in fp8]
+        for name in linears:  # that unit BF16, the rest of the block FP8
+            with fp8_units(linears, [n for n in linears if n != name]):
                 outs = [block(h, pe(h)) for h in fp8]
-            names.append(unit.name)
+            names.append(name)
             pert = [o if p is None else torch.cat([p, o]) for p, o in zip(pert, outs, strict=True)]
-        with fp8_units(block, prefix, units, table, rounded):
-            fp8 = [block(h, pe(h)) for h in fp8]
+        fp8 = fp8_out
         base = [block(h, pe(h)) for h in base]
-        del block
+        del block, linears
         gc.collect()
     norm = reader.get(FINAL_NORM.hf_names()[0]).to(dtype).to(device)
     head = reader.get(lm_head_rule(spec).hf_names()[0]).to(dtype).to(device)
