@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from nasrt.arch import load_spec
 from nasrt.errors import CheckpointError
 from nasrt.fp8 import FP8_DTYPE, FP8_MAX, dequantize, quantize, scale_from_amax
-from nasrt.quantize import QuantizeOptions, quantize_checkpoint
-from nasrt.quantize.gptq import RoundedWeights, gptq_round, output_error
+from nasrt.quantize import QuantizeOptions, gptq, quantize_checkpoint
+from nasrt.quantize.gptq import InputHessian, RoundedWeights, gptq_round, output_error
 from nasrt.quantize.recipes import RECIPES
 from nasrt.quantize.report import RECORD_NAME
 from nasrt.quantize.tiny_tokenizer import write_tiny_tokenizer
@@ -42,6 +42,51 @@ def test_gptq_lowers_the_output_error_on_the_same_grid(seed):
     nearest = quantize(w, s)
     assert not torch.equal(codes.view(torch.uint8), nearest.view(torch.uint8))
     assert output_error(w, codes, s, h) < 0.8 * output_error(w, nearest, s, h)
+
+
+def test_wide_inputs_keep_diagonal_blocks_and_still_beat_nearest(monkeypatch):
+    """Above FULL_HESSIAN_MAX inputs only H's diagonal blocks are summed (bounded memory at a 51B's widths); GPTQ on
+    them is block-by-block GPTQ, and still lowers the output error measured with the *full* H."""
+    monkeypatch.setattr(gptq, "FULL_HESSIAN_MAX", 40)
+    monkeypatch.setattr(gptq, "WIDE_BLOCK", 32)
+    g = torch.Generator().manual_seed(11)
+    w, h, s = _problem(4)
+    x = torch.randn(300, 80, generator=g)
+    acc = InputHessian(80)
+    assert acc.bounds == [0, 32, 64, 80] and acc.dtype == torch.float32
+    for part in x.split(100):
+        acc.add(part)
+    for a, b, blk in acc.spans():
+        torch.testing.assert_close(blk, (x[:, a:b].T @ x[:, a:b]), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="width 79"):
+        acc.add(x[:, :79])
+    blocks = InputHessian.of(h)
+    codes = gptq_round(w, blocks, s)
+    for a, b, blk in blocks.spans():  # exactly GPTQ of each block on its own
+        assert torch.equal(codes[:, a:b].view(torch.uint8), gptq_round(w[:, a:b], blk, s).view(torch.uint8))
+    nearest = quantize(w, s)
+    assert output_error(w, codes, s, h) < 0.9 * output_error(w, nearest, s, h)
+    assert output_error(w, codes, s, blocks) < output_error(w, nearest, s, blocks)
+    with pytest.raises(ValueError, match="80 inputs"):
+        gptq_round(w[:, :70], blocks, s)
+
+
+def test_row_chunks_round_like_one_pass(monkeypatch):
+    w, h, s = _problem(5, rows=50)
+    whole = gptq_round(w, h, s).view(torch.uint8)
+    monkeypatch.setattr(gptq, "ROW_CHUNK", 7)
+    assert torch.equal(gptq_round(w, h, s).view(torch.uint8), whole)
+
+
+def test_rounded_store_writes_out_when_enough_is_pending(tmp_path, monkeypatch):
+    monkeypatch.setattr(gptq, "FLUSH_BYTES", 1000)
+    w, _, s = _problem(3)  # 48 x 80 = 3840 codes: over the limit on its own
+    with RoundedWeights(tmp_path) as store:
+        store.add("a.weight", quantize(w[:10], s), s)
+        assert not list(store.dir.glob("rounded-*"))
+        store.add("b.weight", quantize(w, s), s)
+        assert len(list(store.dir.glob("rounded-*"))) == 1
+        assert torch.equal(store.get("a.weight").view(torch.uint8), quantize(w[:10], s).view(torch.uint8))
 
 
 def test_gptq_deterministic():

@@ -24,7 +24,7 @@ import torch
 from nasrt.arch import ModelSpec
 from nasrt.errors import ConfigError
 from nasrt.fp8 import dequantize, quantize, scale_from_amax
-from nasrt.quantize.gptq import FLOAT64_MAX_INPUTS, RoundedWeights, gptq_round, output_error
+from nasrt.quantize.gptq import InputHessian, RoundedWeights, gptq_round, output_error
 from nasrt.tensor_map import layer_rules
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class InputStats:
     def __init__(self, histogram: bool, keep_tokens: int = 0, hessian: bool = False):
         self.sq: torch.Tensor | None = None
         self.wants_hessian = hessian
-        self.hessian: torch.Tensor | None = None  # sum x x^T (float64; float32 above FLOAT64_MAX_INPUTS)
+        self.hessian: InputHessian | None = None  # sum x x^T (whole, or diagonal blocks for wide inputs)
         self.count = 0
         self.keep_tokens = keep_tokens
         self.tokens: list[torch.Tensor] = []
@@ -160,10 +160,9 @@ class InputStats:
         self.sq = s if self.sq is None else self.sq + s
         self.count += x2.shape[0]
         if self.wants_hessian:
-            xtx = (x2.T @ x2).cpu()
-            if x2.shape[1] <= FLOAT64_MAX_INPUTS:  # sums in float64 where it is cheap
-                xtx = xtx.double()
-            self.hessian = xtx if self.hessian is None else self.hessian.add_(xtx)
+            if self.hessian is None:
+                self.hessian = InputHessian(x2.shape[1])
+            self.hessian.add(x2)
         kept = sum(t.shape[0] for t in self.tokens)
         if kept < self.keep_tokens:
             self.tokens.append(x2[::4][:self.keep_tokens - kept].cpu().clone())  # spread over more text
@@ -315,14 +314,16 @@ def apply_recipe(table: dict, module: torch.nn.Module, prefix: str, units: list[
     return record
 
 
-def _round_unit(unit: LinearUnit, weights: list[torch.Tensor], table: dict, hessian: torch.Tensor,
+def _round_unit(unit: LinearUnit, weights: list[torch.Tensor], table: dict, hessian: InputHessian,
                 rounded: RoundedWeights) -> float:
-    """GPTQ codes of every member under the unit's shared weight scale, rounded together (one input, one Hessian,
-    one scale); returns the output error relative to round-to-nearest."""
+    """GPTQ codes of every member under the unit's shared weight scale (one input, one Hessian, one scale; rows are
+    independent given the Hessian, so the members are rounded one after the other); returns the output error
+    relative to round-to-nearest."""
     scale = scale_from_amax(unit.amax(table, "weight"))
-    w = torch.cat(weights)
-    codes = gptq_round(w, hessian, scale)
-    for m, part in zip(unit.hf_modules, codes.split([x.shape[0] for x in weights]), strict=True):
-        rounded.add(m + ".weight", part, scale)
-    nearest = output_error(w, quantize(w, scale), scale, hessian)
-    return output_error(w, codes, scale, hessian) / nearest if nearest > 0 else 1.0
+    err = nearest = 0.0
+    for m, w in zip(unit.hf_modules, weights, strict=True):
+        codes = gptq_round(w, hessian, scale)
+        rounded.add(m + ".weight", codes, scale)
+        err += output_error(w, codes, scale, hessian)
+        nearest += output_error(w, None, scale, hessian)
+    return err / nearest if nearest > 0 else 1.0
