@@ -71,11 +71,37 @@ def test_wide_inputs_keep_diagonal_blocks_and_still_beat_nearest(monkeypatch):
         gptq_round(w[:, :70], blocks, s)
 
 
-def test_row_chunks_round_like_one_pass(monkeypatch):
+def test_row_chunks_and_groups_round_like_one_pass(monkeypatch):
+    """Rows are independent given H: a scale group rounded together, in chunks straddling its members, gives each
+    member's own codes."""
     w, h, s = _problem(5, rows=50)
     whole = gptq_round(w, h, s).view(torch.uint8)
     monkeypatch.setattr(gptq, "ROW_CHUNK", 7)
     assert torch.equal(gptq_round(w, h, s).view(torch.uint8), whole)
+    parts = gptq_round([w[:20], w[20:23], w[23:]], h, s)
+    assert [tuple(p.shape) for p in parts] == [(20, 80), (3, 80), (27, 80)]
+    assert torch.equal(torch.cat(parts).view(torch.uint8), whole)
+    with pytest.raises(ValueError, match="does not match"):
+        gptq_round([w, w[:, :79]], h, s)
+
+
+def test_lazy_updates_are_column_by_column_gptq(monkeypatch):
+    """The two-level lazy batching (BLOCK, SUB_BLOCK) is the plain column-by-column GPTQ recursion up to summation
+    order: the same codes almost everywhere and the same output error."""
+    monkeypatch.setattr(gptq, "BLOCK", 16)
+    monkeypatch.setattr(gptq, "SUB_BLOCK", 5)
+    w, h, s = _problem(6)
+    perm, u = gptq._factor(h, torch.device("cpu"))
+    wt = w[:, perm].clone()
+    ref = torch.empty(w.shape, dtype=FP8_DTYPE)
+    for j in range(w.shape[1]):  # the textbook recursion, no batching
+        ref[:, j] = quantize(wt[:, j], s)
+        e = (wt[:, j] - dequantize(ref[:, j], s)) / u[j, j]
+        wt[:, j + 1:] -= e[:, None] * u[j, j + 1:][None, :]
+    ref = ref[:, torch.argsort(perm)]
+    codes = gptq_round(w, h, s)
+    assert (codes.view(torch.uint8) == ref.view(torch.uint8)).float().mean() > 0.99
+    assert output_error(w, codes, s, h) == pytest.approx(output_error(w, ref, s, h), rel=0.02)
 
 
 def test_rounded_store_writes_out_when_enough_is_pending(tmp_path, monkeypatch):
@@ -133,6 +159,17 @@ def test_rounded_store_serves_slices_and_refuses_another_scale(tmp_path):
             store.get("b.weight")
         with pytest.raises(ValueError, match="FP8 codes"):
             store.add("c.weight", w, s)
+        store.add("p.weight", codes[:, 30:], s, column=30)  # blocks of columns, in any order
+        store.add("p.weight", codes[:, :30], s)
+        assert torch.equal(store.get("p.weight").view(torch.uint8), codes.view(torch.uint8))
+        for dim, a, b in ((0, 3, 11), (1, 25, 40), (1, 30, 80), (1, 2, 9)):
+            want = codes[a:b] if dim == 0 else codes[:, a:b]
+            assert torch.equal(store.read("p.weight", dim, a, b).view(torch.uint8), want.view(torch.uint8))
+        with pytest.raises(ValueError, match="two weight scales"):
+            store.add("p.weight", codes[:, :30], s * 2)
+        store.add("g.weight", codes[:, 40:], s, column=40)
+        with pytest.raises(CheckpointError, match="g.weight: rounded FP8 codes cover columns"):
+            store.get("g.weight")
         where = store.dir
     assert not where.exists()
 

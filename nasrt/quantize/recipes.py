@@ -24,7 +24,7 @@ import torch
 from nasrt.arch import ModelSpec
 from nasrt.errors import ConfigError
 from nasrt.fp8 import dequantize, quantize, scale_from_amax
-from nasrt.quantize.gptq import InputHessian, RoundedWeights, gptq_round, output_error
+from nasrt.quantize.gptq import InputHessian, RoundedWeights, block_error, gptq_pieces
 from nasrt.tensor_map import layer_rules
 
 log = logging.getLogger(__name__)
@@ -307,23 +307,27 @@ def apply_recipe(table: dict, module: torch.nn.Module, prefix: str, units: list[
             rec["input_vs_max"] = float(act) / float(u.amax(table, "input"))
             for m in u.hf_modules:
                 table[m]["input"] = act.reshape(()).clone()
-        if recipe.gptq:
-            rec["gptq_error_vs_nearest"] = _round_unit(u, ws, table, stats[u.name].hessian, rounded)
-            stats[u.name].hessian = None  # bounded memory: one unit's [in, in] at a time from here on
         record[u.name] = rec
+    if recipe.gptq:  # widest input first: its Hessian is freed before the others are rounded (bounded memory)
+        for u in sorted((u for u in units if u.name in record), key=lambda u: -stats[u.name].hessian.size):
+            ws = [mods[m[len(prefix):]].weight.detach() for m in u.hf_modules]
+            record[u.name]["gptq_error_vs_nearest"] = _round_unit(u, ws, table, stats[u.name].hessian, rounded)
+            stats[u.name].hessian = None
     return record
 
 
 def _round_unit(unit: LinearUnit, weights: list[torch.Tensor], table: dict, hessian: InputHessian,
                 rounded: RoundedWeights) -> float:
-    """GPTQ codes of every member under the unit's shared weight scale (one input, one Hessian, one scale; rows are
-    independent given the Hessian, so the members are rounded one after the other); returns the output error
-    relative to round-to-nearest."""
+    """GPTQ codes of every member under the unit's shared weight scale (one input, one Hessian, one scale: rounded
+    together), handed to ``rounded`` a block of columns at a time; returns the output error relative to
+    round-to-nearest."""
     scale = scale_from_amax(unit.amax(table, "weight"))
+    blocks = {a: blk for a, _, blk in hessian.spans()}
     err = nearest = 0.0
-    for m, w in zip(unit.hf_modules, weights, strict=True):
-        codes = gptq_round(w, hessian, scale)
-        rounded.add(m + ".weight", codes, scale)
-        err += output_error(w, codes, scale, hessian)
-        nearest += output_error(w, None, scale, hessian)
+    for i, a, b, codes in gptq_pieces(weights, hessian, scale):
+        w = weights[i][:, a:b]
+        err += block_error(w, codes, scale, blocks[a])
+        nearest += block_error(w, None, scale, blocks[a])
+        rounded.add(unit.hf_modules[i] + ".weight", codes, scale, column=a)
+        del codes
     return err / nearest if nearest > 0 else 1.0
