@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import threading
 import time
 
@@ -78,27 +79,33 @@ def test_errors_come_back_clearly(server, capsys):
 STORIES = [f"Story {i}: once upon a time, in a land far away," for i in range(8)]
 
 
-def test_eight_concurrent_requests_finish_much_faster_than_sequential(server):
-    """Issue 12 defect 7: concurrent requests are batched (they used to be served one at a time)."""
-    t0 = time.monotonic()
+def _batch_sizes(server, start: int) -> list[int]:
+    """The decode-batch sizes the engine logged (``... batch now N``) after byte ``start`` of the server log."""
+    return [int(n) for n in re.findall(r"batch now (\d+)", server.log_path.read_text()[start:])]
+
+
+def test_eight_concurrent_requests_are_decoded_together(server):
+    """Issue 12 defect 7: concurrent requests are batched (they used to be served one at a time). Checked in the
+    engine's own log, not by wall time (how much batching saves depends on the CPU: it is a bench/ figure)."""
+    start = len(server.log_path.read_text())
     alone = [generate(server.url, p, 12) for p in STORIES]
-    sequential = time.monotonic() - t0
+    mid = len(server.log_path.read_text())
+    assert max(_batch_sizes(server, start)) == 1, "one request at a time ran in a batch of several"
     together: list[str | None] = [None] * len(STORIES)
 
     def one(i: int) -> None:
         together[i] = generate(server.url, STORIES[i], 12)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(STORIES))]
-    t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    concurrent = time.monotonic() - t0
     assert all(together) and all(alone)
     # bf16 checkpoint: batched GEMMs round differently, so texts may differ slightly from the lone runs
-    # (the fp32 equality is pinned in test_batcher.py / test_serve.py); here the point is time.
-    assert concurrent < 0.7 * sequential, f"8 concurrent {concurrent:.1f} s vs 8 sequential {sequential:.1f} s"
+    # (the fp32 equality is pinned in test_batcher.py / test_serve.py); here the point is batching.
+    sizes = _batch_sizes(server, mid)
+    assert max(sizes) >= 4, f"8 concurrent requests were decoded in batches of {sizes}"
 
 
 def _cancellations(server) -> int:
