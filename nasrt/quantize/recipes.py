@@ -83,9 +83,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 )}
 #: Measured on SmolLM2 (32 x 256-token calibration, W+A+KV; bench/fp8_quality.py, two 12,000-character held-out
 #: texts): max +4.98 % / +4.51 %, gptq +2.58 % / +3.38 % (on another CPU: max +5.14 % / +3.60 %, gptq +3.55 % /
-#: +3.76 %; weights only max +1.70 % / +0.79 %, gptq +0.50 % / +0.36 % on both); earlier (6000 characters): max +4.75 %, hmse +6.86 %,
-#: omse +4.23 %, pct +267 % (clipping the massive activations). ModelOpt 0.47's histogram "mse" for FP8 fails
-#: (``ScaledE4M3Function.forward() missing ... 'M'``), so it is not offered.
+#: +3.76 %; weights only max +1.70 % / +0.79 %, gptq +0.50 % / +0.36 % on both); earlier (6000 characters):
+#: max +4.75 %, hmse +6.86 %, omse +4.23 %, pct +267 % (clipping the massive activations). ModelOpt 0.47's
+#: histogram "mse" for FP8 fails (``ScaledE4M3Function.forward() missing ... 'M'``), so it is not offered.
 DEFAULT_RECIPE = "gptq"
 
 
@@ -289,12 +289,12 @@ def apply_recipe(table: dict, module: torch.nn.Module, prefix: str, units: list[
     if recipe.gptq and rounded is None:
         raise ValueError(f"recipe {recipe.name!r} rounds weights by GPTQ: a RoundedWeights store is needed")
     mods = dict(module.named_modules())
-    record = {}
+    record, weights = {}, {}
     for u in units:
         if any(m not in table for m in u.hf_modules):
             continue
         rec = {}
-        ws = [mods[m[len(prefix):]].weight.detach() for m in u.hf_modules]
+        ws = weights[u.name] = [mods[m[len(prefix):]].weight.detach() for m in u.hf_modules]
         if recipe.weight != "max":
             if recipe.weight == "omse":
                 amax, rec["weight_multiplier"] = search_weight_amax_output(ws, torch.cat(stats[u.name].tokens))
@@ -311,8 +311,8 @@ def apply_recipe(table: dict, module: torch.nn.Module, prefix: str, units: list[
         record[u.name] = rec
     if recipe.gptq:  # widest input first: its Hessian is freed before the others are rounded (bounded memory)
         for u in sorted((u for u in units if u.name in record), key=lambda u: -stats[u.name].hessian.size):
-            ws = [mods[m[len(prefix):]].weight.detach() for m in u.hf_modules]
-            record[u.name]["gptq_error_vs_nearest"] = _round_unit(u, ws, table, stats[u.name].hessian, rounded)
+            record[u.name]["gptq_error_vs_nearest"] = _round_unit(u, weights[u.name], table, stats[u.name].hessian,
+                                                                  rounded)
             stats[u.name].hessian = None
     return record
 
