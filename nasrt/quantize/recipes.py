@@ -82,10 +82,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "rounded, weighted by the calibration inputs' X^T X), input amax = max|x|"),
 )}
 #: Measured on SmolLM2 (32 x 256-token calibration, W+A+KV; bench/fp8_quality.py, two 12,000-character held-out
-#: texts): max +4.98 % / +4.51 %, gptq +2.58 % / +3.38 % (on another CPU: max +5.14 % / +3.60 %, gptq +3.55 % /
-#: +3.76 %; weights only max +1.70 % / +0.79 %, gptq +0.50 % / +0.36 % on both); earlier (6000 characters):
-#: max +4.75 %, hmse +6.86 %, omse +4.23 %, pct +267 % (clipping the massive activations). ModelOpt 0.47's
-#: histogram "mse" for FP8 fails (``ScaledE4M3Function.forward() missing ... 'M'``), so it is not offered.
+#: texts): max +4.98 % / +4.51 %, gptq +3.44 % / +3.37 %; averaged over four rounding realisations (activation and
+#: KV scales x 2^(k/4)) max +5.35 % / +3.95 %, gptq +3.86 % / +3.23 %, gptq lower in all 8 pairs; weights only max
+#: +1.70 % / +0.79 %, gptq +0.51 % / +0.37 % (the same on two CPUs); earlier (6000 characters): max +4.75 %, hmse
+#: +6.86 %, omse +4.23 %, pct +267 % (clipping the massive activations). ModelOpt 0.47's histogram "mse" for FP8
+#: fails (``ScaledE4M3Function.forward() missing ... 'M'``), so it is not offered.
 DEFAULT_RECIPE = "gptq"
 
 
