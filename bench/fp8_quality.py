@@ -168,10 +168,10 @@ def main() -> int:
                   + (f", budget 0.05 {(curve[0.05][n] / bf16[n] - 1) * 100:+.2f} %" if 0.05 in curve else ""))
             ok &= d_new <= 0.03 and d_new < d_mo and (0.05 not in curve or curve[0.05][n] < default0[n])
             if args.realizations:
+                deltas = {name: [(r[n] / bf16[n] - 1) * 100 for r in rs] for name, rs in spread.items()}
                 print("  over realisations: " + ", ".join(
-                    f"{name} {min(r[n] for r in rs) / bf16[n] * 100 - 100:+.2f} .. "
-                    f"{max(r[n] for r in rs) / bf16[n] * 100 - 100:+.2f} % (mean "
-                    f"{sum(r[n] for r in rs) / len(rs) / bf16[n] * 100 - 100:+.2f} %)" for name, rs in spread.items()))
+                    f"{name} {min(d):+.2f} .. {max(d):+.2f} % (mean {sum(d) / len(d):+.2f} %)"
+                    for name, d in deltas.items()))
         print("PASS" if ok else "MISS")
         del torch
         return 0 if ok else 1
