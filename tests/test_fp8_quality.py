@@ -239,6 +239,21 @@ def test_eval_recorded_and_disjointness_checked(syn, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_default_calibration_set_is_disjoint_from_the_default_eval_text(smollm2):
+    """``quantize.py``'s defaults (512 pydoc passages) against the whole evaluation slice, at the token level the
+    pipeline checks: pydoc repeats sections under several topics, which once put 654 shared 24-token windows into
+    the default run and made it refuse to start."""
+    from nasrt.quantize.pipeline import calibration_sets
+    from nasrt.quantize.report import check_disjoint
+    from nasrt.runtime.text import load_tokenizer
+    from nasrt.textdata import eval_text
+
+    batches, _ = calibration_sets(smollm2, load_spec(smollm2), QuantizeOptions())
+    assert sum(len(b) for b in batches) == QuantizeOptions().calib_size
+    ids = load_tokenizer(smollm2)(eval_text(), add_special_tokens=False)["input_ids"]
+    assert check_disjoint(batches, ids)["shared_windows"] == 0
+
+
 # ---- SmolLM2: the FP8 chat answer over calibration sizes ------------------------------------------------------
 
 @pytest.mark.parametrize("calib_size", [8, 16, 32, 64, 128])
