@@ -50,8 +50,8 @@ def docstring_text(max_chars: int) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calib_size", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=256, help="calibration tokens per sample")
+    ap.add_argument("--calib_size", type=int, default=512, help="calibration passages (quantize.py's default)")
+    ap.add_argument("--seq", type=int, default=512, help="calibration tokens per sample at most (quantize.py's)")
     ap.add_argument("--eval_chars", type=int, default=12000)
     ap.add_argument("--eval_seq", type=int, default=512)
     ap.add_argument("--sensitivity_samples", type=int, default=4)
@@ -121,8 +121,9 @@ def main() -> int:
         return out
 
     try:
-        print(f"SmolLM2-135M-Instruct, calibration {len(batches)} batches of {args.calib_size} texts x <= {args.seq} "
-              f"tokens; perplexity columns: {list(texts)}", flush=True)
+        print(f"SmolLM2-135M-Instruct, calibration {args.calib_size} texts ({sum(int(b.numel()) for b in batches)} "
+              f"token positions in {len(batches)} padded batches, <= {args.seq} per text); perplexity columns: {list(texts)}",
+              flush=True)
         bf16 = score("BF16", convert_checkpoint(hf, work / "bf16", ConvertOptions("bfloat16"), progress=False))
         kv, nokv = QuantSettings(kv_cache_dtype="fp8"), QuantSettings()
         t0 = time.perf_counter()

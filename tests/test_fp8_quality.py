@@ -274,19 +274,22 @@ def test_fp8_chat_says_paris(smollm2, tmp_path, calib_size):
 
 @pytest.mark.slow
 def test_default_recipe_within_3_percent_and_below_modelopt_default(smollm2, tmp_path):
-    """Issue 10's acceptance through ``quantize_checkpoint`` on SmolLM2: W+A+KV FP8, no BF16 exceptions, 32 x
-    256-token calibration, perplexity on the demo's held-out text (checked disjoint): the default recipe's
-    TensorRT-LLM checkpoint is within +3 % of BF16 and below ModelOpt's default (``max``), measured in this run."""
+    """Issue 10's acceptance through ``quantize_checkpoint`` on SmolLM2: W+A+KV FP8, no BF16 exceptions,
+    ``quantize.py``'s default calibration (512 passages, <= 512 tokens; batches of 4 as ``bench/fp8_quality.py``,
+    which prints the same number), perplexity on the default 12,000 characters of held-out text (checked
+    disjoint): the default recipe's TensorRT-LLM checkpoint is within +3 % of BF16 and below ModelOpt's default
+    (``max``), measured in this run."""
     evals = {}
     for recipe in (DEFAULT_RECIPE, "max"):
         out = quantize_checkpoint(smollm2, tmp_path / recipe, QuantizeOptions(
-            dtype="bfloat16", kv_cache_dtype="fp8", calib_size=32, calib_max_seq_length=256, batch_size=4,
-            recipe=recipe, eval_chars=6000), progress=False).output_dir
+            dtype="bfloat16", kv_cache_dtype="fp8", calib_size=512, calib_max_seq_length=512, batch_size=4,
+            recipe=recipe, eval_chars=12000), progress=False).output_dir
         evals[recipe] = json.loads((out / RECORD_NAME).read_text())["evaluation"]
     new, old = evals[DEFAULT_RECIPE], evals["max"]
     assert new["perplexity_bf16"] == old["perplexity_bf16"] and new["tokens"] == old["tokens"] > 1000
     assert new["disjoint_from_calibration"]["shared_windows"] == 0
     assert new["delta_percent"] < old["delta_percent"], (new, old)
     if new["delta_percent"] > 3.0:  # the issue's target, not met in general (README: it depends on the CPU's
-        # rounding realisation, +2.6 .. +4.2 % measured); reported as xfail with the number, never skipped
+        # rounding realisation: +3.07 % here, +3.07 .. +4.11 % over realisations); reported as xfail with the
+        # number, never skipped
         pytest.xfail(f"issue 10's <= +3 % target not met on this CPU: {new['delta_percent']:+.2f} %")

@@ -81,12 +81,13 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "weights rounded to FP8 by GPTQ (each column's rounding error compensated in the columns not yet "
            "rounded, weighted by the calibration inputs' X^T X), input amax = max|x|"),
 )}
-#: Measured on SmolLM2 (32 x 256-token calibration, W+A+KV; bench/fp8_quality.py, two 12,000-character held-out
-#: texts): max +4.98 % / +4.51 %, gptq +3.44 % / +3.37 %; averaged over four rounding realisations (activation and
-#: KV scales x 2^(k/4)) max +5.35 % / +3.95 %, gptq +3.86 % / +3.23 %, gptq lower in all 8 pairs; weights only max
-#: +1.70 % / +0.79 %, gptq +0.51 % / +0.37 % (the same on two CPUs); earlier (6000 characters): max +4.75 %, hmse
-#: +6.86 %, omse +4.23 %, pct +267 % (clipping the massive activations). ModelOpt 0.47's histogram "mse" for FP8
-#: fails (``ScaledE4M3Function.forward() missing ... 'M'``), so it is not offered.
+#: Measured on SmolLM2 (quantize.py's default calibration, 512 passages / 46k tokens, W+A+KV; bench/fp8_quality.py,
+#: two 12,000-character held-out texts): max +3.96 % / +3.63 %, gptq +3.07 % / +2.38 %; averaged over four rounding
+#: realisations (activation and KV scales x 2^(k/4)) max +4.59 % / +3.64 %, gptq +3.66 % / +2.60 %, gptq lower in all
+#: 8 pairs; weights only max +1.70 % / +0.79 %, gptq +0.40 % / +0.20 %. With 32 passages (2,666 tokens): max +4.98 %
+#: / +4.51 %, gptq +3.44 % / +3.37 %; earlier (6000 characters): hmse +6.86 %, omse +4.23 %, pct +267 % (clipping
+#: the massive activations). ModelOpt 0.47's histogram "mse" for FP8 fails (``ScaledE4M3Function.forward() missing
+#: ... 'M'``), so it is not offered.
 DEFAULT_RECIPE = "gptq"
 
 
