@@ -49,11 +49,15 @@ def docstring_text(max_chars: int) -> str:
 
 
 def main() -> int:
+    from nasrt.quantize.pipeline import QuantizeOptions
+
+    defaults = QuantizeOptions()  # quantize.py's calibration and evaluation defaults
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calib_size", type=int, default=512, help="calibration passages (quantize.py's default)")
-    ap.add_argument("--seq", type=int, default=512, help="calibration tokens per sample at most (quantize.py's)")
-    ap.add_argument("--eval_chars", type=int, default=12000)
-    ap.add_argument("--eval_seq", type=int, default=512)
+    ap.add_argument("--calib_size", type=int, default=defaults.calib_size, help="calibration passages")
+    ap.add_argument("--seq", type=int, default=defaults.calib_max_seq_length,
+                    help="calibration tokens per sample at most")
+    ap.add_argument("--eval_chars", type=int, default=defaults.eval_chars)
+    ap.add_argument("--eval_seq", type=int, default=defaults.eval_seq_len)
     ap.add_argument("--sensitivity_samples", type=int, default=4)
     ap.add_argument("--kv_cache_scales", default="clamped", help="clamped | calibrated (as quantize.py)")
     ap.add_argument("--skip_budget", action="store_true", help="skip the sensitivity and the --bf16_budget curve")
@@ -72,7 +76,7 @@ def main() -> int:
     from nasrt.quantize.export import export_trtllm, fp8_scales
     from nasrt.quantize.gptq import RoundedWeights
     from nasrt.quantize.layerwise import calibrate_layerwise
-    from nasrt.quantize.pipeline import QuantizeOptions, calibration_sets
+    from nasrt.quantize.pipeline import calibration_sets
     from nasrt.quantize.recipes import DEFAULT_RECIPE, all_units, get_recipe
     from nasrt.quantize.report import check_disjoint
     from nasrt.quantize.sensitivity import choose_bf16_units, measure_sensitivity

@@ -282,8 +282,7 @@ def test_default_recipe_within_3_percent_and_below_modelopt_default(smollm2, tmp
     evals = {}
     for recipe in (DEFAULT_RECIPE, "max"):
         out = quantize_checkpoint(smollm2, tmp_path / recipe, QuantizeOptions(
-            dtype="bfloat16", kv_cache_dtype="fp8", calib_size=512, calib_max_seq_length=512, batch_size=4,
-            recipe=recipe, eval_chars=12000), progress=False).output_dir
+            dtype="bfloat16", kv_cache_dtype="fp8", batch_size=4, recipe=recipe), progress=False).output_dir
         evals[recipe] = json.loads((out / RECORD_NAME).read_text())["evaluation"]
     new, old = evals[DEFAULT_RECIPE], evals["max"]
     assert new["perplexity_bf16"] == old["perplexity_bf16"] and new["tokens"] == old["tokens"] > 1000
